@@ -64,8 +64,8 @@ def write_sample(path: Path, per_class: dict[str, int], seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder that plays the bucket")
-    parser.add_argument("--train", type=int, default=60, help="training images per class")
-    parser.add_argument("--val", type=int, default=20, help="validation images per class")
+    parser.add_argument("--train", type=int, default=200, help="training images per class")
+    parser.add_argument("--val", type=int, default=40, help="validation images per class")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = write_sample(args.root / "datasets" / "sample.zip",

@@ -400,7 +400,13 @@ def settings_markdown(settings: Sequence[Setting]) -> str:
     """The docs table, generated from the declarations (a test keeps the README equal to it)."""
     rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
     for s in settings:
-        default = "required" if s.required else ("" if s.default is None else f"`{s.default}`")
+        default = "" if s.default is None else f"`{s.default}`"
+        if s.required:
+            default = "required"
+        elif s.required_if:
+            other, value = s.required_if
+            default = f"required when {other} is set" if value == "*" else (
+                f"required when {other}={value}")
         kind = s.kind + (" (secret)" if s.secret else "")
         meaning = s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
         rows.append(f"| `{s.name}` | {kind} | {default} | {meaning} |")
@@ -549,6 +555,7 @@ class Storage:
 
     def _error(self, exc: Exception, bucket: str, key: str, action: str) -> StorageError:
         where = self._where(bucket, key)
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -556,6 +563,10 @@ class Storage:
             NoCredentialsError,
         )
 
+        # upload_file wraps the ClientError (403, NoSuchBucket, ...) in S3UploadFailedError,
+        # whose message is the raw botocore text: classify the cause instead.
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+            exc = exc.__context__
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

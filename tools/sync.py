@@ -1,0 +1,223 @@
+"""Keep every trainer's managed files identical to what the template renders.
+
+    python tools/sync.py            re-render the managed files of every trainer
+    python tools/sync.py --check    write nothing; report drift; exit 0 (in sync), 1 (drift or
+                                    missing files), 2 (a trainer could not be rendered)
+
+A trainer is a folder under trainers/ with a copier answers file. Its managed files (listed once,
+in template/copier.yml under `_managed_files`) are rendered from the working-tree template with
+that trainer's answers, so uncommitted template changes count and git is not needed. Seed files
+(train.py, README.md, ...) belong to the trainer and are never compared. A difference in line
+endings alone is not drift.
+
+The same run regenerates the blocks of the docs that are derived from template/utils.py (the
+settings and exit-code tables in README.md, between `<!-- generated:NAME -->` markers).
+
+`copier update` cannot serve a template kept in a sub-folder of the same repository, so this tool
+renders through copier's API into a temporary folder and copies the managed files across.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ANSWERS_FILE = ".copier-answers.yml"
+FIX_COMMAND = "python tools/sync.py"
+RULE = ("Managed files are generated from template/: edit the template, never the copy, "
+        "then regenerate the copies.")
+
+IN_SYNC, DRIFTED, MISSING, RENDER_ERROR = "in sync", "drifted", "missing", "render error"
+
+
+@dataclass
+class TrainerReport:
+    name: str
+    state: str = IN_SYNC
+    diffs: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def managed_files(template: Path) -> list[str]:
+    config = yaml.safe_load((template / "copier.yml").read_text(encoding="utf-8"))
+    files = config.get("_managed_files") or []
+    if not files:
+        raise SystemExit(f"{template / 'copier.yml'} declares no _managed_files")
+    return list(files)
+
+
+def find_trainers(trainers_dir: Path) -> list[Path]:
+    if not trainers_dir.is_dir():
+        return []
+    return sorted(p for p in trainers_dir.iterdir() if (p / ANSWERS_FILE).is_file())
+
+
+def read_answers(trainer: Path) -> dict:
+    answers = yaml.safe_load((trainer / ANSWERS_FILE).read_text(encoding="utf-8")) or {}
+    return {k: v for k, v in answers.items() if not k.startswith("_")}
+
+
+def render(template: Path, answers: dict, dest: Path) -> None:
+    import copier
+
+    copier.run_copy(str(template), str(dest), data=answers, defaults=True, overwrite=True,
+                    quiet=True, unsafe=False, skip_tasks=True)
+
+
+def normalise(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n")
+
+
+def compare(trainer: Path, rendered: Path, files: list[str], repo: Path, *,
+            write: bool) -> TrainerReport:
+    report = TrainerReport(trainer.name)
+    for name in files:
+        expected_path, actual_path = rendered / name, trainer / name
+        if not expected_path.is_file():
+            report.state, report.error = RENDER_ERROR, f"the template did not render {name}"
+            return report
+        expected = expected_path.read_bytes()
+        if actual_path.is_file() and normalise(actual_path.read_bytes()) == normalise(expected):
+            continue
+        label = actual_path.relative_to(repo).as_posix()
+        if not actual_path.is_file():
+            report.state = MISSING if report.state == IN_SYNC else report.state
+            report.diffs.append(f"{label}: missing\n")
+        else:
+            report.state = DRIFTED
+            report.diffs.append("".join(difflib.unified_diff(
+                normalise(actual_path.read_bytes()).decode("utf-8", "replace").splitlines(True),
+                normalise(expected).decode("utf-8", "replace").splitlines(True),
+                fromfile=f"{label} (in the trainer)",
+                tofile=f"{label} (rendered from template/)")))
+        if write:
+            actual_path.parent.mkdir(parents=True, exist_ok=True)
+            actual_path.write_bytes(expected)
+            report.changed.append(name)
+    return report
+
+
+def load_template_utils(template: Path):
+    spec = importlib.util.spec_from_file_location("template_utils_for_docs", template / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def contract_tables(utils) -> str:
+    """The settings and exit codes as built: the README restates the contract from the code."""
+    parts = []
+    for title, group in (("Every script", utils.PLATFORM_SETTINGS),
+                         ("`train.py` (every trainer; each adds its own)", utils.TRAIN_SETTINGS),
+                         ("`evaluate.py`", utils.EVALUATE_SETTINGS),
+                         ("`predict.py`", utils.PREDICT_SETTINGS)):
+        parts.append(f"**{title}**\n\n{utils.settings_markdown(group)}")
+    rows = "\n".join(f"| {code} | {meaning} |" for code, meaning in utils.EXIT_CODES.items())
+    parts.append(f"**Exit codes**\n\n| code | meaning |\n|---|---|\n{rows}\n")
+    return "\n".join(parts)
+
+
+GENERATED_BLOCKS = {("README.md", "contract-tables"): contract_tables}
+
+
+def sync_docs(repo: Path, *, check: bool) -> list[TrainerReport]:
+    utils = load_template_utils(repo / "template")
+    reports = []
+    for (name, block), make in GENERATED_BLOCKS.items():
+        path = repo / name
+        report = TrainerReport(f"{name}#{block}")
+        reports.append(report)
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        pattern = re.compile(
+            rf"(<!-- generated:{block} .*?-->\n)(.*?)(<!-- /generated:{block} -->)", re.S)
+        found = pattern.search(text)
+        if not found:
+            report.state, report.error = RENDER_ERROR, (
+                f"no <!-- generated:{block} ... --> ... <!-- /generated:{block} --> markers")
+            continue
+        expected = make(utils)
+        if normalise(found.group(2).encode()) == normalise(expected.encode()):
+            continue
+        report.state = DRIFTED
+        report.diffs.append("".join(difflib.unified_diff(
+            found.group(2).splitlines(True), expected.splitlines(True),
+            fromfile=f"{name} (generated block {block!r})",
+            tofile=f"{name} (rendered from template/utils.py)")))
+        if not check:
+            path.write_text(text[:found.start(2)] + expected + text[found.end(2):],
+                            encoding="utf-8")
+            report.changed.append(block)
+    return reports
+
+
+def sync(repo: Path, *, check: bool, out=sys.stdout) -> int:
+    template, trainers_dir = repo / "template", repo / "trainers"
+    files = managed_files(template)
+    trainers = find_trainers(trainers_dir)
+    if not trainers:
+        print(f"no trainers found under {trainers_dir.relative_to(repo)}/", file=out)
+        return 0
+    reports: list[TrainerReport] = []
+    for trainer in trainers:
+        with tempfile.TemporaryDirectory(prefix="sync-") as tmp:
+            try:
+                render(template, read_answers(trainer), Path(tmp) / trainer.name)
+            except Exception as exc:  # copier raises many types; each is this trainer's problem
+                first_line = (str(exc).strip().splitlines() or [""])[-1]
+                reports.append(TrainerReport(trainer.name, RENDER_ERROR,
+                                             error=f"{type(exc).__name__}: {first_line}"))
+                continue
+            reports.append(compare(trainer, Path(tmp) / trainer.name, files, repo,
+                                   write=not check))
+    if (repo / "README.md").is_file():
+        reports += sync_docs(repo, check=check)
+    return summarise(reports, check=check, out=out)
+
+
+def summarise(reports: list[TrainerReport], *, check: bool, out) -> int:
+    width = max(len(r.name) for r in reports)
+    for r in reports:
+        if r.state == RENDER_ERROR:
+            detail = f": {r.error}"
+        elif not check and r.changed:
+            detail = f" -> rewrote {', '.join(r.changed)}"
+        else:
+            detail = ""
+        print(f"{r.name:<{width}}  {r.state}{detail}", file=out)
+    if check:
+        for r in reports:
+            for diff in r.diffs:
+                print("\n" + diff.rstrip("\n"), file=out)
+    if any(r.state == RENDER_ERROR for r in reports):
+        print(f"\nFix the answers file ({ANSWERS_FILE}) or the template, then run: "
+              f"{FIX_COMMAND}", file=out)
+        return 2
+    if check and any(r.state in (DRIFTED, MISSING) for r in reports):
+        print(f"\n{RULE}\nTo fix, run: {FIX_COMMAND}", file=out)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 on drift, 2 on a render error")
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="monorepo root (default: this tool's repository)")
+    args = parser.parse_args(argv)
+    return sync(args.repo.resolve(), check=args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
