@@ -1,0 +1,94 @@
+"""The copier template: `copier copy template trainers/<new>` gives a trainer that works unedited."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copier(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "copier", "copy", "--defaults", "--quiet", *args],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def repo_with_new_trainer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the monorepo's template and tools, plus a trainer rendered with the defaults."""
+    repo = tmp_path_factory.mktemp("monorepo")
+    for name in ("template", "tools"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    result = copier(repo, "template", "trainers/vision-x")
+    assert result.returncode == 0, result.stderr
+    return repo
+
+
+def test_defaults_derive_from_the_destination(repo_with_new_trainer: Path) -> None:
+    trainer = repo_with_new_trainer / "trainers/vision-x"
+    answers = yaml.safe_load((trainer / ".copier-answers.yml").read_text())
+    assert answers["slug"] == "vision-x" and answers["display_name"] == "Vision X"
+    assert answers["_src_path"] == "template", "run from the repo root, the source is relative"
+
+
+def test_renders_every_file_a_trainer_needs(repo_with_new_trainer: Path) -> None:
+    trainer = repo_with_new_trainer / "trainers/vision-x"
+    for name in ("train.py", "evaluate.py", "predict.py", "utils.py", "requirements.txt",
+                 "pixi.toml", "README.md", ".copier-answers.yml", "tests/test_smoke.py",
+                 "sample_data.py", "Dockerfile"):
+        assert (trainer / name).is_file(), f"{name} not rendered"
+    assert not list(trainer.rglob("*.jinja")) and not (trainer / "copier.yml").exists()
+    managed = yaml.safe_load((REPO / "template/copier.yml").read_text())["_managed_files"]
+    for name in managed:
+        head = (trainer / name).read_text().splitlines()[:4]
+        assert any("template/" in line and "python tools/sync.py" in " ".join(head)
+                   for line in head), f"{name} lacks the generated-file header"
+
+
+def test_a_fresh_render_is_in_sync(repo_with_new_trainer: Path) -> None:
+    result = subprocess.run([sys.executable, "tools/sync.py", "--check"], cwd=repo_with_new_trainer,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    assert "vision-x  in sync" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_rendered_trainer_passes_its_own_smoke_test(repo_with_new_trainer: Path) -> None:
+    trainer = repo_with_new_trainer / "trainers/vision-x"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests"], cwd=trainer, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "2 passed" in result.stdout
+
+
+def test_help_is_instant_and_lists_env_names(repo_with_new_trainer: Path) -> None:
+    trainer = repo_with_new_trainer / "trainers/vision-x"
+    probe = ("import sys, runpy; sys.argv = ['train.py', '--help']\n"
+             "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "heavy = [m for m in ('torch', 'mlflow', 'boto3') if m in sys.modules]\n"
+             "print('HEAVY', heavy, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=trainer, capture_output=True,
+                            text=True, timeout=60)
+    assert "HEAVY []" in result.stderr, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "[env EPOCHS; int; default 10]" in text and "[env DATASET_ID; str; required]" in text
+
+
+@pytest.mark.parametrize("answer, message", [
+    ("slug=Bad_Slug", "slug must match"),
+    ("python_version=2.7", "python_version"),
+    ("cuda_version=twelve", "CUDA version must look like"),
+])
+def test_invalid_answers_are_rejected(tmp_path: Path, answer: str, message: str) -> None:
+    shutil.copytree(REPO / "template", tmp_path / "template",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    result = copier(tmp_path, "--data", answer, "template", "trainers/x")
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "trainers/x/train.py").exists()
