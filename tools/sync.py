@@ -10,8 +10,15 @@ that trainer's answers, so uncommitted template changes count and git is not nee
 (train.py, README.md, ...) belong to the trainer and are never compared. A difference in line
 endings alone is not drift.
 
-The same run regenerates the blocks of the docs that are derived from template/utils.py (the
-settings and exit-code tables in README.md, between `<!-- generated:NAME -->` markers).
+The same run regenerates what is derived from code:
+- each trainer's capabilities.json: the output of `python train.py --capabilities` (for a
+  trainer with a capabilities.py), run on the trainer's top-level modules with the freshly
+  rendered managed files over them, so `--check` also catches a manifest that a template change
+  made stale;
+- template/capabilities.json.jinja: the same for a render of the template, with the slug put
+  back as `{{ slug }}`, so a trainer fresh from `copier copy` is already in sync;
+- the blocks of the docs derived from template/utils.py (the settings and exit-code tables in
+  README.md, between `<!-- generated:NAME -->` markers).
 
 `copier update` cannot serve a template kept in a sub-folder of the same repository, so this tool
 renders through copier's API into a temporary folder and copies the managed files across.
@@ -22,7 +29,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +47,11 @@ RULE = ("Managed files are generated from template/: edit the template, never th
         "then regenerate the copies.")
 
 IN_SYNC, DRIFTED, MISSING, RENDER_ERROR = "in sync", "drifted", "missing", "render error"
+MANIFEST_FILE, DECLARATIONS_FILE = "capabilities.json", "capabilities.py"
+REQUIREMENTS_FILE = "requirements.txt"
+MANIFEST_COMMAND = ("train.py", "--capabilities")
+MANIFEST_TIMEOUT_S = 30  # the command imports utils and the scripts only: well under a second
+TEMPLATE_MANIFEST, PLACEHOLDER_SLUG = "capabilities.json.jinja", "placeholder"
 
 
 @dataclass
@@ -45,6 +61,7 @@ class TrainerReport:
     diffs: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     error: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 def managed_files(template: Path) -> list[str]:
@@ -106,6 +123,98 @@ def compare(trainer: Path, rendered: Path, files: list[str], repo: Path, *,
     return report
 
 
+class ManifestError(Exception):
+    pass
+
+
+def generate_manifest(trainer: Path, rendered: Path, files: list[str]) -> str:
+    """`python train.py --capabilities`, as committed: run on a view of the trainer (its
+    top-level modules and requirements.txt, which pins the framework's version, with the
+    rendered managed files over them) with this interpreter."""
+    with tempfile.TemporaryDirectory(prefix="manifest-") as tmp:
+        view = Path(tmp) / trainer.name
+        view.mkdir()
+        for module in [*trainer.glob("*.py"), *trainer.glob(REQUIREMENTS_FILE)]:
+            shutil.copyfile(module, view / module.name)
+        for name in files:
+            if name.endswith(".py") and (rendered / name).is_file():
+                shutil.copyfile(rendered / name, view / name)
+        result = subprocess.run(
+            [sys.executable, *MANIFEST_COMMAND], cwd=view, capture_output=True, text=True,
+            timeout=MANIFEST_TIMEOUT_S, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    command = "python " + " ".join(MANIFEST_COMMAND)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        raise ManifestError(f"`{command}` failed: {last}")
+    try:
+        manifest = json.loads(result.stdout)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"`{command}` printed no JSON ({exc.msg})") from None
+    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+
+
+def sync_manifest(trainer: Path, rendered: Path, files: list[str], report: TrainerReport,
+                  repo: Path, *, write: bool) -> None:
+    """Regenerate (or, with write=False, compare) the trainer's capabilities.json."""
+    if report.state == RENDER_ERROR:
+        return
+    if not (trainer / DECLARATIONS_FILE).is_file():
+        report.notes.append(f"no {DECLARATIONS_FILE}, so no {MANIFEST_FILE}")
+        return
+    try:
+        expected = generate_manifest(trainer, rendered, files)
+    except (ManifestError, subprocess.TimeoutExpired) as exc:
+        report.state, report.error = RENDER_ERROR, f"{MANIFEST_FILE}: {exc}"
+        return
+    update_generated(trainer / MANIFEST_FILE, expected, report, repo, write=write)
+
+
+def update_generated(path: Path, expected: str, report: TrainerReport, repo: Path, *,
+                     write: bool) -> None:
+    """Compare a file generated from code with its committed text; rewrite it if `write`."""
+    label = path.relative_to(repo).as_posix()
+    if path.is_file() and normalise(path.read_bytes()) == normalise(expected.encode()):
+        return
+    if not path.is_file():
+        report.state = MISSING if report.state == IN_SYNC else report.state
+        report.diffs.append(f"{label}: missing\n")
+    else:
+        report.state = DRIFTED
+        report.diffs.append("".join(difflib.unified_diff(
+            normalise(path.read_bytes()).decode("utf-8", "replace").splitlines(True),
+            expected.splitlines(True), fromfile=f"{label} (committed)",
+            tofile=f"{label} (generated by python {' '.join(MANIFEST_COMMAND)})")))
+    if write:
+        path.write_text(expected, encoding="utf-8")
+        report.changed.append(path.name)
+
+
+def sync_template_manifest(template: Path, files: list[str], repo: Path, *,
+                           write: bool) -> TrainerReport | None:
+    """template/capabilities.json.jinja: the manifest of a render, its slug made `{{ slug }}`."""
+    if not (template / DECLARATIONS_FILE).is_file():
+        return None
+    report = TrainerReport(f"template/{TEMPLATE_MANIFEST}")
+    with tempfile.TemporaryDirectory(prefix="sync-") as tmp:
+        rendered = Path(tmp) / PLACEHOLDER_SLUG
+        try:
+            render(template, {"slug": PLACEHOLDER_SLUG}, rendered)
+            text = generate_manifest(rendered, rendered, files)
+        except Exception as exc:  # copier raises many types; the manifest its own
+            first_line = (str(exc).strip().splitlines() or [""])[-1]
+            report.state, report.error = RENDER_ERROR, f"{type(exc).__name__}: {first_line}"
+            return report
+    pair = f'"trainer": "{PLACEHOLDER_SLUG}"'
+    if text.count(pair) != 1:
+        report.state, report.error = RENDER_ERROR, f"the manifest does not name {pair} once"
+        return report
+    # Everything but the slug is literal text to jinja.
+    expected = ("{% raw %}" + text.replace(pair, '{% endraw %}"trainer": "{{ slug }}"{% raw %}')
+                + "{% endraw %}")
+    update_generated(template / TEMPLATE_MANIFEST, expected, report, repo, write=write)
+    return report
+
+
 def load_template_utils(template: Path):
     spec = importlib.util.spec_from_file_location("template_utils_for_docs", template / "utils.py")
     module = importlib.util.module_from_spec(spec)
@@ -120,7 +229,8 @@ def contract_tables(utils) -> str:
     for title, group in (("Every script", utils.PLATFORM_SETTINGS),
                          ("`train.py` (every trainer; each adds its own)", utils.TRAIN_SETTINGS),
                          ("`evaluate.py`", utils.EVALUATE_SETTINGS),
-                         ("`predict.py`", utils.PREDICT_SETTINGS)):
+                         ("`predict.py`", utils.PREDICT_SETTINGS),
+                         ("`export.py`", utils.EXPORT_SETTINGS)):
         parts.append(f"**{title}**\n\n{utils.settings_markdown(group)}")
     rows = "\n".join(f"| {code} | {meaning} |" for code, meaning in utils.EXIT_CODES.items())
     parts.append(f"**Exit codes**\n\n| code | meaning |\n|---|---|\n{rows}\n")
@@ -177,8 +287,13 @@ def sync(repo: Path, *, check: bool, out=sys.stdout) -> int:
                 reports.append(TrainerReport(trainer.name, RENDER_ERROR,
                                              error=f"{type(exc).__name__}: {first_line}"))
                 continue
-            reports.append(compare(trainer, Path(tmp) / trainer.name, files, repo,
-                                   write=not check))
+            report = compare(trainer, Path(tmp) / trainer.name, files, repo, write=not check)
+            sync_manifest(trainer, Path(tmp) / trainer.name, files, report, repo,
+                          write=not check)
+            reports.append(report)
+    template_manifest = sync_template_manifest(template, files, repo, write=not check)
+    if template_manifest is not None:
+        reports.append(template_manifest)
     if (repo / "README.md").is_file():
         reports += sync_docs(repo, check=check)
     return summarise(reports, check=check, out=out)
@@ -193,14 +308,16 @@ def summarise(reports: list[TrainerReport], *, check: bool, out) -> int:
             detail = f" -> rewrote {', '.join(r.changed)}"
         else:
             detail = ""
+        if r.notes:
+            detail += f" ({'; '.join(r.notes)})"
         print(f"{r.name:<{width}}  {r.state}{detail}", file=out)
     if check:
         for r in reports:
             for diff in r.diffs:
                 print("\n" + diff.rstrip("\n"), file=out)
     if any(r.state == RENDER_ERROR for r in reports):
-        print(f"\nFix the answers file ({ANSWERS_FILE}) or the template, then run: "
-              f"{FIX_COMMAND}", file=out)
+        print(f"\nFix the answers file ({ANSWERS_FILE}), the template or the trainer's "
+              f"{DECLARATIONS_FILE}, then run: {FIX_COMMAND}", file=out)
         return 2
     if check and any(r.state in (DRIFTED, MISSING) for r in reports):
         print(f"\n{RULE}\nTo fix, run: {FIX_COMMAND}", file=out)

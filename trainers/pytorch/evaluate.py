@@ -8,7 +8,6 @@ and one validation result to the backend.
 from __future__ import annotations
 
 import json
-import sys
 
 import utils
 
@@ -22,8 +21,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(job: utils.Job) -> utils.JobResult:
-    from data import (ImageFolder, build_transform, find_split, index_images, make_loader,
-                      read_class_names)
+    from data import (
+        ImageFolder,
+        build_transform,
+        find_split,
+        index_images,
+        make_loader,
+        read_class_names,
+    )
     from model import load_checkpoint, model_from_checkpoint, resolve_device
     from train import validate
 
@@ -59,4 +64,4 @@ def evaluate(job: utils.Job) -> utils.JobResult:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    utils.exit_process(main())

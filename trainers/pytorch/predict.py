@@ -9,7 +9,6 @@ artifacts/job-{JOB_ID}/predictions/.
 from __future__ import annotations
 
 import json
-import sys
 
 import utils
 
@@ -48,10 +47,11 @@ def predict(job: utils.Job) -> utils.JobResult:
                     tensors.append(transform(im.convert("RGB")))
             probs = model(torch.stack(tensors).to(device)).softmax(1).cpu()
             top = probs.topk(k, 1)
-            for path, values, indices in zip(batch, top.values, top.indices):
+            for path, values, indices in zip(batch, top.values, top.indices, strict=True):
                 predictions.append({"image": path.name, "top_k": [
                     {"class_id": int(i), "class_name": class_names[int(i)],
-                     "confidence": round(float(v), 6)} for v, i in zip(values, indices)]})
+                     "confidence": round(float(v), 6)}
+                    for v, i in zip(values, indices, strict=True)]})
 
     out = job.work_dir / "predictions" / "predictions.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,4 +63,4 @@ def predict(job: utils.Job) -> utils.JobResult:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    utils.exit_process(main())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,13 @@ def train(job: utils.Job) -> utils.JobResult:
     import torch
 
     from data import load_splits, make_loader
-    from model import (check_model_args, create_model, load_checkpoint, resolve_device,
-                       save_checkpoint)
+    from model import (
+        check_model_args,
+        create_model,
+        load_checkpoint,
+        resolve_device,
+        save_checkpoint,
+    )
 
     cfg = job.cfg
     model_kwargs = check_model_args(cfg.model_name, cfg.extra_args)
@@ -195,4 +199,4 @@ def finish(job: utils.Job, best: utils.ValidationResult | None,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    utils.exit_process(main())

@@ -1,4 +1,4 @@
-"""Smoke test of the PyTorch trainer: train, evaluate and predict on the sample.
+"""Smoke test of the PyTorch trainer: train, evaluate, predict and export on the sample.
 
 Self-contained (local storage, local MLflow, no backend, CPU), so it runs in the trainer's own
 environment: `pixi run test` in this folder, or `pytest tests` with its requirements installed.
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 TRAINER = Path(__file__).resolve().parents[1]
@@ -20,7 +21,13 @@ def run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=600)
 
 
-def test_train_evaluate_predict_on_the_sample(tmp_path: Path) -> None:
+def test_train_evaluate_predict_export_on_the_sample(tmp_path: Path) -> None:
+    # The committed manifest is what the scripts declare (python tools/sync.py regenerates it).
+    described = run("train.py", dict(os.environ), "--capabilities")
+    assert described.returncode == 0, described.stderr[-3000:]
+    committed = (TRAINER / "capabilities.json").read_text(encoding="utf-8")
+    assert json.loads(described.stdout) == json.loads(committed)
+
     storage = tmp_path / "bucket"
     subprocess.run([sys.executable, str(TRAINER / "sample_data.py"), str(storage),
                     "--train", "8", "--val", "4"], check=True, timeout=120)
@@ -51,6 +58,17 @@ def test_train_evaluate_predict_on_the_sample(tmp_path: Path) -> None:
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     output = storage / "artifacts" / "job-smoke-predict" / "predictions" / "predictions.json"
     assert json.loads(output.read_text())["predictions"], "no predictions written"
+
+    exported = run("export.py", {**env, "JOB_ID": "smoke-export",
+                                 "WORK_DIR": str(tmp_path / "export"),
+                                 "CHECKPOINT_PATH": "checkpoints/job-smoke/best.pt",
+                                 "EXPORT_FORMAT": "onnx"})
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    archive = storage / "artifacts" / "job-smoke-export" / "export" / "export-onnx.zip"
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == ["metadata.json", "model.onnx"]
+        metadata = json.loads(zf.read("metadata.json"))
+    assert metadata["verification"]["status"] == "passed", metadata["verification"]
 
 
 def test_bad_setting_fails_before_any_work(tmp_path: Path) -> None:
