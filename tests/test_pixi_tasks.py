@@ -46,6 +46,11 @@ def check_ci_runs_the_root_test_task(manifest: Path, tmp_path: Path) -> None:
     assert "tools/run_task.py test" in ci, ".ci/run must run the root `test` task"
 
 
+def check_bench_smoke_runs_the_task(manifest: Path, tmp_path: Path) -> None:
+    test = (REPO / "tests" / "test_bench.py").read_text()
+    assert '"tools/run_task.py", "bench"' in test, "tests/test_bench.py must run the `bench` task"
+
+
 def check_runs(manifest: Path, task: str, tmp_path: Path) -> subprocess.CompletedProcess:
     result = run_task(manifest, task)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -78,6 +83,7 @@ def claim(manifest: Path, task: str):
     if manifest == REPO / "pixi.toml":
         return {"test": check_ci_runs_the_root_test_task,
                 "train": check_training_demo,
+                "bench": check_bench_smoke_runs_the_task,
                 "sync": check_sync_in_a_copy,
                 "sync-check": lambda m, p: check_runs(m, "sync-check", p),
                 "lint": lambda m, p: check_runs(m, "lint", p)}.get(task)
