@@ -1,0 +1,254 @@
+"""Export a checkpoint for deployment (timm trainer).
+
+CHECKPOINT_PATH + EXPORT_FORMAT (onnx or torchscript; optional IMAGE_SIZE, DYNAMIC_BATCH, HALF,
+OPSET) -> artifacts/job-{JOB_ID}/export/export-{EXPORT_FORMAT}.zip: the exported model and
+metadata.json (input shape, the preprocessing timm resolved for the model - resize, centre crop,
+mean/std, RGB -, class names in id order, task, source checkpoint, timm/torch/exporter versions).
+Before the archive is written the exported model is run on the same batch as the PyTorch model
+and must agree within TOLERANCE. A format whose toolchain is missing fails before any download;
+a failed export uploads nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import utils
+
+FRAMEWORK = "timm"
+SETTINGS = utils.EXPORT_SETTINGS
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# Most |exported - PyTorch| allowed on the logits of the verification batch, per dtype.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+# timm's interpolation names -> metadata.json's (PIL's box filter is an area average).
+INTERPOLATIONS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic",
+                  "box": "area"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return utils.run_job("export", SETTINGS, export, framework=FRAMEWORK, argv=argv,
+                         description=__doc__, prog="export.py")
+
+
+def export(job: utils.Job) -> utils.JobResult:
+    import hub
+
+    hub.prepare_hub(need_weights=False)  # the weights are in the checkpoint
+    from capabilities import CAPABILITIES
+
+    cfg = job.cfg
+    fmt = CAPABILITIES.export_format(cfg.export_format)
+    import torch
+
+    from data import plain_data_config
+    from distributed import resolve_device
+    from model import load_checkpoint, model_from_checkpoint
+
+    device = resolve_device(cfg.device)
+    fmt.require(gpu_available=device.type == "cuda")
+    if cfg.half and device.type != "cuda":
+        raise utils.ConfigError("HALF=true needs a CUDA device (DEVICE resolves to the CPU)")
+
+    source = job.fetch_checkpoint()
+    checkpoint = load_checkpoint(source)
+    data_config = plain_data_config(checkpoint["data_config"], cfg.image_size)
+    preprocessing = describe_preprocessing(data_config)  # fails before any export work
+    dtype = torch.float16 if cfg.half else torch.float32
+    # timm's exportable layers: ONNX/trace-friendly variants where a model has alternatives
+    model = model_from_checkpoint(checkpoint, device, exportable=True).to(dtype)
+    example = torch.zeros(1, *data_config["input_size"], device=device, dtype=dtype)
+
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=job.work_dir))
+    try:
+        model_file = staging / fmt.file
+        exporter = EXPORTERS[fmt.name](model, example, model_file,
+                                       dynamic_batch=cfg.dynamic_batch, opset=cfg.opset)
+        verification = verify(fmt.name, model_file, model, example,
+                              batch=2 if cfg.dynamic_batch else 1)
+        metadata = describe(job, fmt, checkpoint, source, example, preprocessing, exporter,
+                            verification)
+        archive = utils.write_export_archive(job.work_dir / "export" / f"export-{fmt.name}.zip",
+                                             {fmt.file: model_file}, metadata)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    uri = job.upload(archive, job.artifact_key(f"export/{archive.name}"))
+    utils.log.info("exported %s to %s (%.1f MB)", fmt.name, uri, archive.stat().st_size / 2**20)
+    print(uri)
+    checked = verification["status"] == "passed"
+    return utils.JobResult(metrics={"max_abs_diff": verification["max_abs_diff"]} if checked
+                           else {})
+
+
+def export_onnx(model, example, path: Path, *, dynamic_batch: bool, opset: int) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    # The TorchScript-based exporter (dynamo=False), as timm's own onnx_export uses: the dynamo
+    # exporter needs onnxscript and gains nothing for these classifiers.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes=axes, do_constant_folding=True)
+    onnx.checker.check_model(str(path))
+    return {"name": "torch.onnx.export", "version": str(torch.__version__),
+            "onnx_version": onnx.__version__, "opset": opset}
+
+
+def export_torchscript(model, example, path: Path, *, dynamic_batch: bool,
+                       opset: int) -> dict[str, Any]:
+    import torch
+
+    # Traced, not scripted: every timm model traces, few script. The batch size is not baked
+    # in for these models, but metadata.json promises only what DYNAMIC_BATCH says.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        traced = torch.jit.trace(model, example)
+    traced.save(str(path))
+    return {"name": "torch.jit.trace", "version": str(torch.__version__)}
+
+
+EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
+
+
+def verify(fmt: str, path: Path, model, example, *, batch: int) -> dict[str, Any]:
+    """Run the exported model and the PyTorch model on one random batch; they must agree."""
+    import torch
+
+    dtype = str(example.dtype).removeprefix("torch.")
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(batch, *example.shape[1:], generator=generator).to(example)
+    with torch.inference_mode():
+        expected = model(inputs).float().cpu()
+    if fmt == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            return {"status": "skipped", "reason": "onnxruntime is not installed"}
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in onnxruntime.get_available_providers()
+                     and (p != "CUDAExecutionProvider" or example.is_cuda)]
+        if dtype == "float16" and "CUDAExecutionProvider" not in providers:
+            return {"status": "skipped",
+                    "reason": "onnxruntime here has no CUDA provider for a float16 model"}
+        session = onnxruntime.InferenceSession(str(path), providers=providers)
+        actual = torch.from_numpy(session.run(None, {INPUT_NAME: inputs.cpu().numpy()})[0])
+        runtime = f"onnxruntime {onnxruntime.__version__} ({providers[0]})"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch
+            loaded = torch.jit.load(str(path), map_location=example.device)
+        with torch.inference_mode():
+            actual = loaded(inputs).float().cpu()
+        runtime = f"torch.jit {torch.__version__}"
+    difference = float((actual.float() - expected).abs().max())
+    tolerance = TOLERANCE[dtype]
+    if not difference <= tolerance:  # NaN fails too
+        raise utils.TrainerError(f"the exported {fmt} model's outputs differ from the PyTorch "
+                                 f"model's by {difference:.3g} (tolerance {tolerance:g})")
+    return {"status": "passed", "runtime": runtime, "batch": batch,
+            "max_abs_diff": difference, "tolerance": tolerance}
+
+
+def describe_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:
+    """timm's evaluation transform (create_transform(is_training=False)) as metadata.json says it.
+
+    crop_mode `center` (timm's default): the shorter side resized to size / crop_pct, then the
+    centre size x size; `squash`: both sides resized to size / crop_pct, then the centre crop;
+    `border`: the longer side resized to size / crop_pct, padded with the mean colour, then the
+    centre. Then RGB pixels x 1/255, (x - mean) / std, NCHW.
+    """
+    _, height, width = data_config["input_size"]
+    interpolation = INTERPOLATIONS.get(data_config.get("interpolation") or "bilinear")
+    if interpolation is None:
+        raise utils.CheckpointError(f"the checkpoint's interpolation "
+                                    f"{data_config['interpolation']!r} has no metadata.json name "
+                                    f"({', '.join(INTERPOLATIONS)})")
+    crop_pct = data_config.get("crop_pct") or 0.875  # timm's DEFAULT_CROP_PCT
+    mode = data_config.get("crop_mode") or "center"
+    mean = [float(v) for v in data_config["mean"]]
+    fill = [round(255 * v) for v in mean]
+    steps: dict[str, Any] = {
+        "resize": {"height": math.floor(height / crop_pct), "width": math.floor(width / crop_pct),
+                   "interpolation": interpolation, "antialias": True,
+                   "keep_aspect_ratio": mode != "squash"},
+        "center_crop": {"height": height, "width": width},
+        "letterbox": mode == "border",
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "rescale_factor": 1 / 255,
+        "mean": mean,
+        "std": [float(v) for v in data_config["std"]],
+        "crop_mode": mode,
+        "crop_pct": crop_pct,
+    }
+    if mode == "center" and height == width:
+        steps["resize"]["shorter_side"] = steps["resize"]["height"]
+    if mode == "border":
+        steps["pad_fill"] = fill
+        if len(set(fill)) == 1:
+            steps["pad_value"] = fill[0]
+    return steps
+
+
+def describe(job: utils.Job, fmt: utils.ExportFormat, checkpoint: dict[str, Any], source: Path,
+             example, preprocessing: dict[str, Any], exporter: dict[str, Any],
+             verification: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json: everything a deployment needs besides the model file itself."""
+    import timm
+    import torch
+
+    from capabilities import CAPABILITIES
+
+    cfg = job.cfg
+    batch = -1 if cfg.dynamic_batch else 1  # -1: any batch size
+    dtype = "float16" if cfg.half else "float32"
+    class_names = list(checkpoint["class_names"])
+    return {
+        "metadata_version": 1,
+        "format": fmt.name,
+        "file": fmt.file,
+        "task_type": checkpoint["task_type"],
+        "class_names": class_names,
+        "input": {"name": INPUT_NAME, "shape": [batch, *example.shape[1:]], "dtype": dtype,
+                  "layout": "NCHW"},
+        "outputs": [{"name": OUTPUT_NAME, "shape": [batch, len(class_names)], "dtype": dtype,
+                     "description": "class logits in class-id order; softmax gives "
+                                    "probabilities"}],
+        "preprocessing": preprocessing,
+        "source_checkpoint": {"path": cfg.checkpoint_path, "sha256": sha256(source),
+                              "format": checkpoint["format"],
+                              "model_name": checkpoint["model_name"],
+                              "model_kwargs": checkpoint.get("model_kwargs", {}),
+                              "epoch": checkpoint.get("epoch"),
+                              "versions": checkpoint.get("versions", {})},
+        "trainer": FRAMEWORK,
+        "framework": {"name": CAPABILITIES.framework, "package": CAPABILITIES.package,
+                      "version": timm.__version__, "torch_version": str(torch.__version__)},
+        "exporter": exporter,
+        "verification": verification,
+        "dynamic_batch": cfg.dynamic_batch,
+        "half": cfg.half,
+        "job_id": job.job_id,
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    utils.exit_process(main())
