@@ -869,7 +869,9 @@ def _model_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
         pretrained = values.get("PRETRAINED", props.get("PRETRAINED", {}).get("default"))
         if pretrained and not model["pretrained"]:
             problems.append(f"PRETRAINED=true but {name} has no pretrained weights")
-        if task is not None and model["task_type"] != task:
+        # Only a model the job names must fit its task: a trainer may adapt its default model
+        # to TASK_TYPE (Ultralytics' yolo11n becomes yolo11n-cls for classification).
+        if task is not None and "MODEL_NAME" in values and model["task_type"] != task:
             problems.append(f"MODEL_NAME={name!r} is for {model['task_type']}, not "
                             f"TASK_TYPE={task!r}")
     return problems

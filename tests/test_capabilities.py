@@ -216,7 +216,7 @@ EXPORT = {"CHECKPOINT_PATH": "checkpoints/job-1/best.pt"}
      ["MODEL_NAME='resnet9' is not a model of this trainer (tinycnn)"]),
     ("train", {**TRAIN, "PRETRAINED": "true"},
      ["PRETRAINED=true but tinycnn has no pretrained weights"]),
-    ("train", {**TRAIN, "TASK_TYPE": "object_detection"},
+    ("train", {**TRAIN, "TASK_TYPE": "object_detection", "MODEL_NAME": "tinycnn"},
      ["TASK_TYPE='object_detection' is not a task of this trainer (image_classification)",
       "MODEL_NAME='tinycnn' is for image_classification, not TASK_TYPE='object_detection'"]),
     ("serve", {}, ["serve.py is not a script of this trainer "
@@ -235,6 +235,17 @@ def test_a_model_name_pattern_admits_names_beyond_the_catalogue(utils_module,
     assert validate(opened, "train", {**TRAIN, "MODEL_NAME": "resnet9"}) == [
         r"MODEL_NAME='resnet9' is not a model of this trainer (tinycnn or a name matching "
         r"tinycnn-\d+)"]
+
+
+def test_a_default_model_is_left_to_the_trainer_to_fit_the_task(utils_module) -> None:
+    # Ultralytics turns its default yolo11n into yolo11n-cls for TASK_TYPE=image_classification;
+    # a model the job names must fit the task.
+    ultralytics = json.loads((REPO / "trainers/ultralytics/capabilities.json").read_text())
+    validate = utils_module.validate_job_settings
+    assert validate(ultralytics, "train", {**TRAIN, "TASK_TYPE": "image_classification"}) == []
+    assert validate(ultralytics, "train", {**TRAIN, "TASK_TYPE": "image_classification",
+                                           "MODEL_NAME": "yolo11n"}) == [
+        "MODEL_NAME='yolo11n' is for object_detection, not TASK_TYPE='image_classification'"]
 
 
 def test_every_problem_is_reported_at_once(utils_module, manifest: dict) -> None:
