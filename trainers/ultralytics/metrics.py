@@ -1,0 +1,145 @@
+"""Ultralytics' metrics under the platform's names (contract section 3).
+
+The platform's UI reads `mAP@0.5`, `mAP@0.5:0.95`, `precision`, `recall` and per class
+`{ap_50, ap_50_95, precision, recall, support}` for detection and segmentation, and `accuracy`,
+`precision`, `recall`, `f1_score`, `top5_accuracy` and per class `{precision, recall, f1_score,
+support}` for classification -- never Ultralytics' raw keys like `metrics/mAP50(B)`.
+
+Segmentation reports its mask metrics under those names (the task's own result) and the box
+metrics beside them as `box_mAP@0.5`, ... . Confusion matrices are lists of int rows, rows = true
+class, columns = predicted class; detection adds a last row and column for "background" (missed
+objects and false detections), as Ultralytics counts them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import utils
+
+# The metric that picks best.pt, per Ultralytics task: (platform name, Ultralytics key).
+PRIMARY = {
+    "detect": ("mAP@0.5:0.95", "metrics/mAP50-95(B)"),
+    "segment": ("mAP@0.5:0.95", "metrics/mAP50-95(M)"),
+    "classify": ("accuracy", "metrics/accuracy_top1"),
+}
+CURVE_POINTS = 101  # PR curves are sent on a 0..1 recall grid of this many points
+
+
+def primary_value(task: str, results: dict[str, Any]) -> float:
+    """The primary metric from Ultralytics' results dict (`trainer.metrics`)."""
+    return float(results.get(PRIMARY[task][1], 0.0))
+
+
+def training_metrics(trainer: Any) -> utils.TrainingMetrics:
+    """Loss, its components, learning rate and throughput of the epoch that just ended."""
+    losses = {key.split("/", 1)[-1]: float(value) for key, value in
+              trainer.label_loss_items(trainer.tloss, prefix="train").items()}
+    extra: dict[str, Any] = dict(losses)
+    learning_rates = trainer.lr or {}
+    for key, value in learning_rates.items():  # lr/pg0: weights, pg1: norms, pg2: biases
+        extra[key.replace("lr/", "lr_")] = float(value)
+    images = len(getattr(trainer.train_loader, "dataset", ()))
+    if images and trainer.epoch_time:
+        extra["throughput_img_s"] = round(images / trainer.epoch_time, 1)
+    return utils.TrainingMetrics(loss=sum(losses.values()) if losses else None,
+                                 learning_rate=learning_rates.get("lr/pg0"), extra_metrics=extra)
+
+
+def validation_loss(results: dict[str, Any]) -> float | None:
+    losses = [float(v) for k, v in results.items() if k.startswith("val/")]
+    return sum(losses) if losses else None
+
+
+def validation_result(task: str, metrics: Any, class_names: list[str],
+                      loss: float | None = None) -> utils.ValidationResult:
+    """A ValidationResult from Ultralytics' DetMetrics, SegmentMetrics or ClassifyMetrics."""
+    if task == "classify":
+        values, per_class, confusion = classification(metrics, class_names)
+        curves = None
+    else:
+        values, per_class = detection(task, metrics, class_names)
+        confusion = confusion_rows(metrics)
+        curves = pr_curves(metrics.seg if task == "segment" else metrics.box, class_names)
+    name = PRIMARY[task][0]
+    return utils.ValidationResult(
+        task_type={"detect": "object_detection", "segment": "instance_segmentation",
+                   "classify": "image_classification"}[task],
+        metrics=values, primary_metric_name=name, primary_metric_value=values[name],
+        overall_loss=loss, per_class_metrics=per_class, confusion_matrix=confusion,
+        pr_curves=curves, class_names=list(class_names))
+
+
+def summary(metric: Any, prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}mAP@0.5": float(metric.map50), f"{prefix}mAP@0.5:0.95": float(metric.map),
+            f"{prefix}precision": float(metric.mp), f"{prefix}recall": float(metric.mr)}
+
+
+def detection(task: str, metrics: Any, class_names: list[str],
+              ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    main = metrics.seg if task == "segment" else metrics.box
+    values = summary(main)
+    if task == "segment":
+        values.update(summary(metrics.box, "box_"))
+    support = metrics.nt_per_class if metrics.nt_per_class is not None else ()
+    per_class = {name: {"ap_50": 0.0, "ap_50_95": 0.0, "precision": 0.0, "recall": 0.0,
+                        "support": int(support[i]) if i < len(support) else 0}
+                 for i, name in enumerate(class_names)}
+    for row, class_id in enumerate(main.ap_class_index):
+        entry = per_class[class_names[int(class_id)]]
+        entry.update(ap_50=float(main.ap50[row]), ap_50_95=float(main.ap[row]),
+                     precision=float(main.p[row]), recall=float(main.r[row]))
+        if task == "segment":
+            entry.update(box_ap_50=float(metrics.box.ap50[row]),
+                         box_ap_50_95=float(metrics.box.ap[row]))
+    return values, per_class
+
+
+def confusion_rows(metrics: Any) -> list[list[int]] | None:
+    """Ultralytics' matrix (rows: predicted, columns: true) as rows = true class; None when
+    Ultralytics did not count one (detection: only when it plots, i.e. the final validation and
+    evaluation, not the epochs in between)."""
+    matrix = getattr(getattr(metrics, "confusion_matrix", None), "matrix", None)
+    if matrix is None or not np.asarray(matrix).any():
+        return None
+    return np.rint(np.asarray(matrix).T).astype(int).tolist()
+
+
+def pr_curves(metric: Any, class_names: list[str]) -> dict[str, Any] | None:
+    """Precision at IoU 0.5 on a recall grid, per class (the data behind the PR plot)."""
+    recall = np.asarray(getattr(metric, "px", []))
+    precision = np.asarray(getattr(metric, "prec_values", []))
+    if recall.size == 0 or precision.ndim != 2 or not len(precision):
+        return None
+    index = np.linspace(0, recall.size - 1, CURVE_POINTS).round().astype(int)
+    return {"iou_threshold": 0.5, "recall": [round(float(r), 4) for r in recall[index]],
+            "precision": {class_names[int(c)]: [round(float(p), 4) for p in precision[row][index]]
+                          for row, c in enumerate(metric.ap_class_index)}}
+
+
+def classification(metrics: Any, class_names: list[str]) -> tuple[
+        dict[str, float], dict[str, dict[str, float]], list[list[int]] | None]:
+    values = {"accuracy": float(metrics.top1), "top5_accuracy": float(metrics.top5),
+              "precision": 0.0, "recall": 0.0, "f1_score": 0.0}
+    confusion = confusion_rows(metrics)
+    per_class = {name: {"precision": 0.0, "recall": 0.0, "f1_score": 0.0, "support": 0}
+                 for name in class_names}
+    if confusion is None:
+        return values, per_class, None
+    counts = np.asarray(confusion, dtype=np.float64)
+    true_pos = np.diag(counts)
+    support, predicted = counts.sum(axis=1), counts.sum(axis=0)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(true_pos), where=total > 0)
+    present = support > 0  # macro averages over the classes this split contains
+    if present.any():
+        values.update(precision=float(precision[present].mean()),
+                      recall=float(recall[present].mean()), f1_score=float(f1[present].mean()))
+    for i, name in enumerate(class_names):
+        per_class[name] = {"precision": float(precision[i]), "recall": float(recall[i]),
+                           "f1_score": float(f1[i]), "support": int(support[i])}
+    return values, per_class, confusion

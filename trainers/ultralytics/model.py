@@ -1,0 +1,193 @@
+"""Which YOLO to build, from what weights, on which device; what a checkpoint holds.
+
+Ultralytics checkpoints describe themselves: the model (with its class names and task), the
+training arguments (image size, epochs, ...), the epoch and, mid-run, the optimizer state. That
+last part decides what CHECKPOINT_PATH means to train.py: a checkpoint with an optimizer and an
+epoch is an interrupted run and is resumed; a finished (stripped) model is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import utils
+
+# The platform's task names and Ultralytics' own, for the tasks this trainer trains.
+TASKS = {
+    "object_detection": "detect",
+    "instance_segmentation": "segment",
+    "image_classification": "classify",
+}
+TASK_TYPES = {task: task_type for task_type, task in TASKS.items()}
+SUFFIXES = {"detect": "", "segment": "-seg", "classify": "-cls"}
+OTHER_SUFFIXES = {"-pose": "pose", "-obb": "obb", "-sem": "semantic", "-depth": "depth"}
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str  # e.g. yolo11n-seg
+    task: str  # Ultralytics task: detect, segment, classify
+
+    @property
+    def config(self) -> str:
+        return f"{self.name}.yaml"
+
+    @property
+    def weights(self) -> str:
+        return f"{self.name}.pt"
+
+
+def task_of_name(name: str) -> str:
+    """The task a model name implies, by Ultralytics' suffix convention (no suffix: detect)."""
+    for suffix, task in {**{v: k for k, v in SUFFIXES.items() if v}, **OTHER_SUFFIXES}.items():
+        if re.search(re.escape(suffix) + r"(\b|$)", name):
+            return task
+    return "detect"
+
+
+def resolve_model(model_name: str, task_type: str | None) -> ModelSpec:
+    """MODEL_NAME and TASK_TYPE -> the model to build. `yolo11n` + segmentation -> yolo11n-seg."""
+    name = re.sub(r"\.(ya?ml|pt)$", "", model_name.strip())
+    if not _MODEL_NAME.match(name):
+        raise utils.ConfigError(f"MODEL_NAME={model_name!r} is not a model name (e.g. yolo11n)")
+    implied = task_of_name(name)
+    if task_type is None:
+        task = implied
+    elif task_type not in TASKS:
+        raise utils.ConfigError(f"TASK_TYPE={task_type} is not trained by this trainer "
+                                f"(it trains {', '.join(TASKS)})")
+    else:
+        task = TASKS[task_type]
+        if implied == "detect" and task != "detect":
+            name += SUFFIXES[task]
+        elif implied != task:
+            raise utils.ConfigError(f"MODEL_NAME={model_name!r} is a {implied} model but "
+                                    f"TASK_TYPE={task_type}")
+    if task not in TASK_TYPES:
+        raise utils.ConfigError(f"MODEL_NAME={model_name!r} is a {task} model; this trainer "
+                                f"trains {', '.join(TASKS)}")
+    return ModelSpec(name, task)
+
+
+def check_model_config(spec: ModelSpec) -> None:
+    """The model's YAML ships with Ultralytics (no download, no network)."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        yaml_model_load(spec.config)
+    except (FileNotFoundError, OSError) as exc:
+        import ultralytics
+
+        raise utils.ConfigError(f"MODEL_NAME={spec.name!r} is not an Ultralytics model "
+                                f"(no {spec.config} in ultralytics {ultralytics.__version__})"
+                                ) from exc
+
+
+def pretrained_weights(spec: ModelSpec, weights_dir: Path, *, offline: bool) -> Path:
+    """`{name}.pt` from WEIGHTS_DIR, downloaded there first unless OFFLINE. ConfigError if not."""
+    path = weights_dir / spec.weights
+    if path.is_file():
+        return path
+    advice = f"put {spec.weights} in WEIGHTS_DIR={weights_dir} or set PRETRAINED=false"
+    if offline:
+        raise utils.ConfigError(f"PRETRAINED=true needs {spec.weights}, which is not in "
+                                f"WEIGHTS_DIR and OFFLINE=true forbids downloading it: {advice}")
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, attempt_download_asset
+
+    if spec.weights not in GITHUB_ASSETS_NAMES:
+        raise utils.ConfigError(f"PRETRAINED=true: Ultralytics publishes no {spec.weights}: "
+                                f"{advice}")
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    utils.log.info("downloading pretrained weights %s to %s", spec.weights, weights_dir)
+    try:
+        attempt_download_asset(str(path))
+    except OSError as exc:  # ConnectionError: offline, DNS, refused, HTTP error
+        raise utils.ConfigError(f"PRETRAINED=true: {spec.weights} could not be downloaded "
+                                f"(no network access?): {advice}") from exc
+    if not path.is_file():
+        raise utils.ConfigError(f"PRETRAINED=true: {spec.weights} could not be downloaded: "
+                                f"{advice}")
+    return path
+
+
+def ultralytics_device(setting: str) -> str | None:
+    """DEVICE (auto, cpu, cuda, cuda:N, N, N,M) as Ultralytics spells it; None lets it choose."""
+    wanted = (setting or "auto").strip().lower()
+    if wanted == "auto":
+        return None
+    if wanted == "cpu":
+        return "cpu"
+    ids = [part.strip() for part in wanted.removeprefix("cuda").lstrip(":").split(",")]
+    ids = ["0"] if ids == [""] else ids
+    if not all(part.isdigit() for part in ids):
+        raise utils.ConfigError(f"DEVICE={setting!r} is not auto, cpu, cuda, cuda:N or N,M,...")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        raise utils.ConfigError(f"DEVICE={setting!r} asks for a GPU but CUDA is not available")
+    missing = [i for i in ids if int(i) >= count]
+    if missing:
+        raise utils.ConfigError(f"DEVICE={setting!r}: no GPU {', '.join(missing)} "
+                                f"({count} visible)")
+    return ",".join(ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    task: str
+    model_name: str | None  # what its run trained, e.g. yolo11n (from its train args)
+    class_names: list[str]
+    image_size: int | None
+    trained_epochs: int  # epochs this checkpoint has been trained for
+    total_epochs: int | None  # what its run was asked for
+    resumable: bool  # an interrupted run: optimizer state and epoch inside
+    train_results: dict[str, list[Any]]  # results.csv columns so far
+
+    @property
+    def task_type(self) -> str:
+        return TASK_TYPES.get(self.task, self.task)
+
+
+def class_names(names: Any) -> list[str]:
+    """Ultralytics' names ({0: 'a', 1: 'b'} or ['a', 'b']) as a list in class-id order."""
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names, key=int)]
+    return [str(n) for n in names]
+
+
+def inspect_checkpoint(path: Path) -> CheckpointInfo:
+    """Read an Ultralytics checkpoint's description; CheckpointError if it is not one."""
+    import torch
+    from ultralytics.nn.tasks import guess_model_task, torch_safe_load
+
+    try:
+        ckpt, _ = torch_safe_load(path)  # a full unpickle: checkpoints come from our own bucket
+    except Exception as exc:  # torch and pickle raise many types for a file that is not one
+        raise utils.CheckpointError(f"{path.name} is not a readable Ultralytics checkpoint "
+                                    f"({type(exc).__name__})") from exc
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(model, torch.nn.Module):
+        raise utils.CheckpointError(f"{path.name} is not an Ultralytics checkpoint (no model)")
+    args = ckpt.get("train_args") or {}
+    task = getattr(model, "task", None) or args.get("task") or guess_model_task(model)
+    if task not in TASK_TYPES:
+        raise utils.CheckpointError(f"{path.name} holds a {task} model; this trainer handles "
+                                    f"{', '.join(TASK_TYPES)}")
+    epoch = ckpt.get("epoch", -1)
+    epoch = -1 if epoch is None else int(epoch)
+    results = ckpt.get("train_results") or {}
+    trained = epoch + 1 if epoch >= 0 else len(results.get("epoch", []))
+    imgsz = args.get("imgsz")
+    source = args.get("model")
+    return CheckpointInfo(
+        path=path, task=task, model_name=Path(str(source)).stem if source else None,
+        class_names=class_names(model.names),
+        image_size=int(imgsz) if isinstance(imgsz, (int, float)) else None,
+        trained_epochs=trained, total_epochs=args.get("epochs"),
+        resumable=epoch >= 0 and ckpt.get("optimizer") is not None, train_results=results)

@@ -1,0 +1,2486 @@
+# Vendored platform contract. Source of truth: template/utils.py in the trainers monorepo.
+# Copies under trainers/*/utils.py are generated: never edit them by hand. Edit template/utils.py,
+# then run `python tools/sync.py` (CI runs `python tools/sync.py --check` and fails on drift).
+"""The platform contract every trainer script needs, in one file.
+
+Sections, top to bottom:
+
+1. Errors and exit codes   -- the small exception tree `main` maps to an exit code.
+2. Configuration           -- every setting declared once; env parsing, CLI flags, --help, docs;
+                              the capabilities manifest and the pre-launch job validator.
+3. Storage                 -- MinIO / R2 / S3 / local: datasets, checkpoints, artifacts.
+4. Background delivery     -- one ordered worker thread used by callbacks, uploads and MLflow.
+5. Callbacks               -- status / training-metrics / validation-results to the backend.
+6. MLflow                  -- one run per job, best-effort, never stalls training.
+7. Job lifecycle           -- `run_job`: settings -> running -> work -> completed | failed.
+8. The seed's names        -- `download_dataset`, `notify_status`, `log_metrics`, ... bound to
+                              the running job.
+
+Importing this module does nothing: no env reads, no clients, no threads. Heavy libraries
+(boto3, requests, mlflow, tqdm) are imported where first needed so `train.py --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("trainer")
+
+CONTRACT_VERSION = "1"
+
+# =============================================================================================
+# 1. Errors and exit codes
+# =============================================================================================
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1  # a bug: the traceback is logged
+EXIT_CONFIG = 2  # missing or ill-typed settings
+EXIT_DATA = 3  # dataset, checkpoint or storage problem
+EXIT_CANCELLED = 4  # the platform asked the job to stop ({"cancel": true})
+EXIT_SIGTERM = 143  # SIGTERM (128 + 15), as Kubernetes expects
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_UNEXPECTED: "unexpected error (a bug; traceback in the log)",
+    EXIT_CONFIG: "configuration error: a setting is missing or invalid",
+    EXIT_DATA: "data or storage error: dataset, checkpoint, bucket or endpoint",
+    EXIT_CANCELLED: "cancelled by the platform (a callback answered {\"cancel\": true})",
+    EXIT_SIGTERM: "cancelled by SIGTERM",
+}
+
+
+class TrainerError(Exception):
+    """An expected failure of the job: reported as one line, no traceback."""
+
+    exit_code = EXIT_UNEXPECTED
+    status = "failed"
+
+
+class ConfigError(TrainerError):
+    exit_code = EXIT_CONFIG
+
+
+class StorageError(TrainerError):
+    exit_code = EXIT_DATA
+
+
+class DatasetError(TrainerError):
+    exit_code = EXIT_DATA
+
+
+class CheckpointError(TrainerError):
+    exit_code = EXIT_DATA
+
+
+class JobCancelled(TrainerError):
+    status = "cancelled"
+
+    def __init__(self, reason: str, exit_code: int = EXIT_CANCELLED):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+# =============================================================================================
+# 2. Configuration
+# =============================================================================================
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+_KINDS = ("str", "int", "float", "bool", "json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting of the contract: an env var (for the platform) and a CLI flag (for people)."""
+
+    name: str
+    kind: str = "str"
+    default: Any = None
+    help: str = ""
+    secret: bool = False
+    required: bool = False
+    required_if: tuple[str, str] | None = None  # (OTHER, value) or (OTHER, "*") for "when set"
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    group: str = "basic"  # "basic" or "advanced": how a UI groups it
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {_KINDS}")
+
+    @property
+    def attr(self) -> str:
+        return self.name.lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+    def shown(self, value: Any) -> str:
+        return "<redacted>" if self.secret else repr(value)
+
+    def convert(self, raw: str) -> Any:
+        """Parse a raw string; raise ConfigError naming the variable and the bad value."""
+        text = raw.strip()
+        shown = "<redacted>" if self.secret else repr(raw)
+        value: Any
+        if self.kind == "int":
+            try:
+                value = int(text)
+            except ValueError:
+                raise ConfigError(f"{self.name}={shown} is not an integer") from None
+        elif self.kind == "float":
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(f"{self.name}={shown} is not a number") from None
+        elif self.kind == "bool":
+            if text.lower() in _TRUE:
+                value = True
+            elif text.lower() in _FALSE:
+                value = False
+            else:
+                raise ConfigError(f"{self.name}={shown} is not a boolean (true/false/1/0/yes/no)")
+        elif self.kind == "json":
+            try:
+                value = json.loads(text) if text else {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{self.name}={shown} is not valid JSON ({exc.msg})") from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"{self.name}={shown} must be a JSON object")
+        else:
+            value = text
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{self.name}={shown} is not one of {', '.join(self.choices)}")
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigError(f"{self.name}={shown} is below the minimum {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"{self.name}={shown} is above the maximum {self.maximum:g}")
+        return value
+
+
+def _s(name: str, kind: str = "str", default: Any = None, help: str = "", **kw: Any) -> Setting:
+    return Setting(name, kind, default, help, **kw)
+
+
+STORAGE_TYPES = ("minio", "r2", "s3", "local")
+TASK_TYPES = (
+    "image_classification",
+    "object_detection",
+    "instance_segmentation",
+    "semantic_segmentation",
+    "pose_estimation",
+)
+
+# Settings every script reads (section 1 of the platform contract).
+PLATFORM_SETTINGS: tuple[Setting, ...] = (
+    _s("JOB_ID", help="The job's id; names its storage keys and MLflow run.",
+       required_if=("CALLBACK_URL", "*")),
+    _s("TASK_TYPE", help="Task kind as the callbacks name it; default: from the model/dataset.",
+       choices=TASK_TYPES, group="advanced"),
+    _s("CALLBACK_URL", help="Base URL of this job's callback endpoints; unset: no callbacks.",
+       group="advanced"),
+    _s("INTERNAL_AUTH_TOKEN", help="Sent as X-Internal-Auth on every callback.", secret=True,
+       required_if=("CALLBACK_URL", "*"), group="advanced"),
+    _s("DEVICE", default="auto", help="auto, cpu, cuda, 0, 0,1, ..."),
+    _s("STORAGE_TYPE", default="minio", help="Object storage backend.", choices=STORAGE_TYPES,
+       group="advanced"),
+    _s("STORAGE_BUCKET", default="vision-platform", help="Bucket holding datasets, "
+       "checkpoints and artifacts.", group="advanced"),
+    _s("MINIO_ENDPOINT", help="MinIO endpoint URL.", required_if=("STORAGE_TYPE", "minio"),
+       group="advanced"),
+    _s("MINIO_ACCESS_KEY", help="MinIO access key.", secret=True,
+       required_if=("STORAGE_TYPE", "minio"), group="advanced"),
+    _s("MINIO_SECRET_KEY", help="MinIO secret key.", secret=True,
+       required_if=("STORAGE_TYPE", "minio"), group="advanced"),
+    _s("R2_ENDPOINT", help="Cloudflare R2 endpoint URL.", required_if=("STORAGE_TYPE", "r2"),
+       group="advanced"),
+    _s("R2_ACCESS_KEY_ID", help="R2 access key id.", secret=True,
+       required_if=("STORAGE_TYPE", "r2"), group="advanced"),
+    _s("R2_SECRET_ACCESS_KEY", help="R2 secret access key.", secret=True,
+       required_if=("STORAGE_TYPE", "r2"), group="advanced"),
+    _s("S3_ENDPOINT_URL", help="Endpoint for STORAGE_TYPE=s3 (credentials: the AWS_* chain).",
+       group="advanced"),
+    _s("LOCAL_STORAGE_ROOT", help="Folder that plays the bucket for STORAGE_TYPE=local.",
+       required_if=("STORAGE_TYPE", "local"), group="advanced"),
+    _s("MLFLOW_TRACKING_URI", help="MLflow tracking URI; unset: a local store in WORK_DIR.",
+       secret=True, group="advanced"),
+    _s("MLFLOW_EXPERIMENT_NAME", default="vision-platform", help="MLflow experiment.",
+       group="advanced"),
+    _s("WORK_DIR", help="Local scratch and outputs; default: <tmp>/vision-platform/job-<JOB_ID>.",
+       group="advanced"),
+    _s("CACHE_DIR", help="Dataset cache (keyed by ETag); default: WORK_DIR/cache.",
+       group="advanced"),
+    _s("DISK_BUDGET_MB", "int", help="Most disk the dataset may take; default: the free space.",
+       minimum=0, group="advanced"),
+    _s("SHUTDOWN_GRACE_S", "float", 30.0, "Seconds between SIGTERM and exit.", minimum=1,
+       group="advanced"),
+    _s("CALLBACK_FLUSH_S", "float", 15.0, "Most seconds spent at exit delivering callbacks.",
+       minimum=0, group="advanced"),
+    _s("TERMINATION_LOG", default="/dev/termination-log", help="Failure reason for Kubernetes "
+       "(written only when the file exists and is writable).", group="advanced"),
+    _s("LOG_LEVEL", default="INFO", help="Logging level.",
+       choices=("DEBUG", "INFO", "WARNING", "ERROR"), group="advanced"),
+)
+
+# Hyperparameters every trainer's train.py reads; a trainer changes defaults with `with_defaults`.
+TRAIN_SETTINGS: tuple[Setting, ...] = (
+    _s("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
+    _s("CHECKPOINT_PATH", help="Resume from an interrupted job's last.pt, or fine-tune from a "
+       "finished model (storage key or s3://bucket/key)."),
+    _s("MODEL_NAME", help="Framework model name."),
+    _s("PRETRAINED", "bool", True, "Start from pretrained weights (needs network access)."),
+    _s("EPOCHS", "int", 10, "Number of training epochs.", minimum=1),
+    _s("BATCH_SIZE", "int", 16, "Images per batch (per process).", minimum=1),
+    _s("LEARNING_RATE", "float", 0.001, "Initial learning rate.", minimum=0),
+    _s("IMAGE_SIZE", "int", 224, "Input image size in pixels.", minimum=8),
+    _s("NUM_WORKERS", "int", 2, "Data-loader worker processes.", minimum=0, group="advanced"),
+    _s("SEED", "int", 0, "Random seed.", group="advanced"),
+    _s("CHECKPOINT_EVERY", "int", 1, "Upload an epoch checkpoint every N epochs.", minimum=1,
+       group="advanced"),
+    _s("EXTRA_ARGS", "json", None, "Framework options as a JSON object, validated by the "
+       "framework's own option names.", group="advanced"),
+)
+
+EVALUATE_SETTINGS: tuple[Setting, ...] = (
+    _s("CHECKPOINT_PATH", help="The checkpoint to evaluate.", required=True),
+    _s("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
+    _s("SPLIT", default="val", help="Dataset split to evaluate.", choices=("val", "test")),
+    _s("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
+    _s("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
+    _s("NUM_WORKERS", "int", 2, "Data-loader worker processes.", minimum=0, group="advanced"),
+)
+
+PREDICT_SETTINGS: tuple[Setting, ...] = (
+    _s("CHECKPOINT_PATH", help="The checkpoint to predict with.", required=True),
+    _s("INPUT_PATH", help="Storage key of an image, a .zip of images, or a prefix ending in /; "
+       "or a local file/folder.", required=True),
+    _s("CONF_THRESHOLD", "float", 0.25, "Minimum confidence kept.", minimum=0, maximum=1),
+    _s("IOU_THRESHOLD", "float", 0.7, "IoU threshold for non-maximum suppression.", minimum=0,
+       maximum=1),
+    _s("TOP_K", "int", 5, "Classes kept per image (classification).", minimum=1),
+    _s("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
+    _s("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
+)
+
+# A trainer with more formats than these two replaces EXPORT_FORMAT's choices in its export.py.
+EXPORT_SETTINGS: tuple[Setting, ...] = (
+    _s("CHECKPOINT_PATH", help="The checkpoint to export.", required=True),
+    _s("EXPORT_FORMAT", help="Format of the exported model.", required=True,
+       choices=("onnx", "torchscript")),
+    _s("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
+    _s("DYNAMIC_BATCH", "bool", False, "Accept any batch size (default: a fixed batch of 1).",
+       group="advanced"),
+    _s("HALF", "bool", False, "Export in float16 (needs a CUDA device).", group="advanced"),
+    _s("OPSET", "int", 17, "ONNX opset version (onnx only).", minimum=7, maximum=20,
+       group="advanced"),
+)
+
+
+def with_defaults(settings: Sequence[Setting], **defaults: Any) -> tuple[Setting, ...]:
+    """The same settings with some defaults changed: with_defaults(TRAIN_SETTINGS, EPOCHS=3)."""
+    names = {s.name for s in settings}
+    unknown = sorted(set(defaults) - names)
+    if unknown:
+        raise ValueError(f"no such settings: {', '.join(unknown)}")
+    return tuple(dataclasses.replace(s, default=defaults[s.name]) if s.name in defaults else s
+                 for s in settings)
+
+
+def merge_settings(*groups: Sequence[Setting]) -> tuple[Setting, ...]:
+    """Concatenate groups of settings; a later group's setting replaces an earlier one's."""
+    merged: dict[str, Setting] = {}
+    for group in groups:
+        for setting in group:
+            merged[setting.name] = setting
+    return tuple(merged.values())
+
+
+class Config:
+    """Base of the frozen, typed settings object `parse_settings` returns (attrs: lower-case)."""
+
+    _settings: Mapping[str, Setting] = {}
+
+    def get(self, name: str) -> Any:
+        return getattr(self, name.lower())
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting by env name, secrets replaced: safe to log and to send to MLflow."""
+        out = {}
+        for name, setting in self._settings.items():
+            value = self.get(name)
+            out[name] = "<redacted>" if setting.secret and value not in (None, "") else value
+        return out
+
+    def secret_values(self) -> list[str]:
+        values = [str(self.get(n)) for n, s in self._settings.items() if s.secret and self.get(n)]
+        # A URL's password can appear on its own (e.g. in an exception message).
+        for value in list(values):
+            password = urlsplit(value).password if "://" in value else None
+            if password:
+                values.append(password)
+        return [v for v in values if len(v) >= 4]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is a configuration error like a bad variable: reported as `failed`, not a bare
+    SystemExit that skips the failure record (`--help` still exits 0)."""
+
+    def error(self, message: str) -> Any:
+        raise ConfigError(f"command line: {message}")
+
+
+def build_parser(settings: Sequence[Setting], prog: str | None = None,
+                 description: str | None = None) -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--epoch 3` must not silently mean `--epochs 3`
+        epilog="Every flag has an environment variable of the same name in capitals "
+               "(shown in brackets); a flag wins over its variable.\n"
+               "Exit codes: " + "; ".join(f"{c} {m}" for c, m in EXIT_CODES.items()) + ".")
+    for s in settings:
+        default = "<redacted>" if s.secret and s.default else s.default
+        bits = [f"env {s.name}", s.kind]
+        if s.choices:
+            bits.append("one of " + "|".join(s.choices))
+        if s.required:
+            bits.append("required")
+        elif default is not None:
+            bits.append(f"default {default}")
+        parser.add_argument(s.flag, dest=s.attr, metavar=s.kind.upper(), default=None,
+                            help=f"{s.help} [{'; '.join(bits)}]".replace("%", "%%"))
+    parser.add_argument("--capabilities", action="store_true",
+                        help="print this trainer's capabilities manifest (JSON) and exit; "
+                             "reads no settings and does no work")
+    return parser
+
+
+def parse_settings(settings: Sequence[Setting], argv: Sequence[str] | None = None,
+                   environ: Mapping[str, str] | None = None, *, prog: str | None = None,
+                   description: str | None = None) -> Config:
+    """Resolve every setting once (flag > env > default) into a frozen, typed Config.
+
+    Every problem is collected and raised at once as one ConfigError.
+    """
+    environ = os.environ if environ is None else environ
+    args = build_parser(settings, prog, description).parse_args(argv)
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    missing: list[str] = []
+    invalid: set[str] = set()
+    for s in settings:
+        raw = getattr(args, s.attr)
+        if raw is None:
+            raw = environ.get(s.name)
+        if raw is None or raw.strip() == "":
+            values[s.attr] = s.default
+            continue
+        try:
+            values[s.attr] = s.convert(raw)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            values[s.attr] = s.default
+            invalid.add(s.name)  # reported as invalid, not also as missing
+    for s in settings:
+        if values[s.attr] not in (None, "") or s.name in invalid:
+            continue
+        if s.required:
+            missing.append(s.name)
+        elif s.required_if:
+            other, wanted = s.required_if
+            other_value = values.get(other.lower())
+            if other_value not in (None, "") and wanted in ("*", other_value):
+                missing.append(s.name)
+    if missing:
+        problems.insert(0, "missing required settings: " + ", ".join(missing))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    cls = dataclasses.make_dataclass(
+        "Config", [(s.attr, Any) for s in settings], bases=(Config,), frozen=True)
+    cls._settings = {s.name: s for s in settings}
+    return cls(**values)
+
+
+def settings_markdown(settings: Sequence[Setting]) -> str:
+    """The docs table, generated from the declarations (a test keeps the README equal to it)."""
+    rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
+    for s in settings:
+        default = "" if s.default is None else f"`{s.default}`"
+        if s.required:
+            default = "required"
+        elif s.required_if:
+            other, value = s.required_if
+            default = f"required when {other} is set" if value == "*" else (
+                f"required when {other}={value}")
+        kind = s.kind + (" (secret)" if s.secret else "")
+        meaning = s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
+        rows.append(f"| `{s.name}` | {kind} | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _env_setting(name: str, kind: str, default: Any, required: bool,
+                 environ: Mapping[str, str] | None) -> Any:
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or raw.strip() == "":
+        if required:
+            raise ConfigError(f"missing required settings: {name}")
+        return default
+    return Setting(name, kind).convert(raw)
+
+
+def get_env_str(name: str, default: str | None = None, *, required: bool = False,
+                environ: Mapping[str, str] | None = None) -> str | None:
+    return _env_setting(name, "str", default, required, environ)
+
+
+def get_env_int(name: str, default: int | None = None, *, required: bool = False,
+                environ: Mapping[str, str] | None = None) -> int | None:
+    return _env_setting(name, "int", default, required, environ)
+
+
+def get_env_float(name: str, default: float | None = None, *, required: bool = False,
+                  environ: Mapping[str, str] | None = None) -> float | None:
+    return _env_setting(name, "float", default, required, environ)
+
+
+def get_env_bool(name: str, default: bool | None = None, *, required: bool = False,
+                 environ: Mapping[str, str] | None = None) -> bool | None:
+    return _env_setting(name, "bool", default, required, environ)
+
+
+def check_required_env(*names: str, environ: Mapping[str, str] | None = None) -> None:
+    """Raise one ConfigError naming every missing (or empty) variable."""
+    environ = os.environ if environ is None else environ
+    missing = [n for n in names if not (environ.get(n) or "").strip()]
+    if missing:
+        raise ConfigError("missing required settings: " + ", ".join(missing))
+
+
+def redact_url(url: str) -> str:
+    """Drop the password (and query string) from a URL so it can be shown."""
+    if not url or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+# -- the capabilities manifest ---------------------------------------------------------------------
+# What a trainer can do, generated from code: its own declarations (capabilities.py) plus every
+# script's settings table as JSON Schema. `python train.py --capabilities` prints it; tools/sync.py
+# keeps the committed capabilities.json current. The platform's UI builds forms from it and calls
+# `validate_job_settings` before it launches a job.
+
+MANIFEST_VERSION = 1
+SCRIPTS = ("train", "evaluate", "predict", "export")
+_JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+               "json": "object"}
+_DETECTION_METRICS = ("mAP@0.5", "mAP@0.5:0.95", "precision", "recall")
+_DETECTION_PER_CLASS = ("ap_50", "ap_50_95", "precision", "recall", "support")
+# task -> (primary metric, metrics, per-class metrics): the names the platform's UI reads.
+TASK_METRICS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "image_classification": ("accuracy", ("accuracy", "precision", "recall", "f1_score",
+                                          "top5_accuracy"),
+                             ("precision", "recall", "f1_score", "support")),
+    "object_detection": ("mAP@0.5:0.95", _DETECTION_METRICS, _DETECTION_PER_CLASS),
+    "instance_segmentation": ("mAP@0.5:0.95", _DETECTION_METRICS, _DETECTION_PER_CLASS),
+    "pose_estimation": ("mAP@0.5:0.95", _DETECTION_METRICS, _DETECTION_PER_CLASS),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """A task the trainer trains, the metrics its validation reports and the one picking best."""
+
+    task_type: str
+    primary_metric: str
+    metrics: tuple[str, ...]
+    per_class_metrics: tuple[str, ...] = ()
+
+    @classmethod
+    def standard(cls, task_type: str) -> TaskInfo:
+        """The contract's metric names for `task_type` (see TASK_METRICS)."""
+        primary, metrics, per_class = TASK_METRICS[task_type]
+        return cls(task_type, primary, metrics, per_class)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    name: str  # a MODEL_NAME value
+    task_type: str
+    pretrained: bool = False  # pretrained weights exist, so PRETRAINED=true can work
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetLayout:
+    name: str
+    task_types: tuple[str, ...]
+    description: str
+
+
+DATASET_LAYOUTS = {
+    "image_folder": DatasetLayout(
+        "image_folder", ("image_classification",),
+        "train/<class>/*, val/<class>/* (valid/ and validation/ accepted), optional "
+        "test/<class>/*; class order = sorted folder names"),
+    "yolo": DatasetLayout(
+        "yolo", ("object_detection", "instance_segmentation", "pose_estimation"),
+        "data.yaml with names, train, val and optional test (paths relative to the extracted "
+        "folder); one labels/*.txt per image"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFormat:
+    """An EXPORT_FORMAT value: the file (or folder) it writes and the toolchain it needs."""
+
+    name: str
+    file: str  # the exported model's name inside the archive
+    requires: tuple[str, ...] = ()  # modules that must import
+    needs_gpu: bool = False
+
+    def require(self, *, gpu_available: bool) -> None:
+        """Raise one ConfigError naming everything this machine lacks for this format."""
+        import importlib
+
+        missing = []
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.append(f"the {module} package")
+        if self.needs_gpu and not gpu_available:
+            missing.append("a CUDA GPU")
+        if missing:
+            raise ConfigError(f"EXPORT_FORMAT={self.name} needs {' and '.join(missing)}, "
+                              "which this machine does not have")
+
+
+EXPORT_ONNX = ExportFormat("onnx", "model.onnx", requires=("onnx",))
+EXPORT_TORCHSCRIPT = ExportFormat("torchscript", "model.torchscript")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """A trainer's own declarations (its capabilities.py); settings come from its scripts."""
+
+    framework: str  # display name, e.g. "PyTorch"
+    package: str  # the distribution whose installed version is the framework's, e.g. "torch"
+    tasks: tuple[TaskInfo, ...]
+    models: tuple[ModelInfo, ...]
+    dataset_layouts: tuple[DatasetLayout, ...]
+    export_formats: tuple[ExportFormat, ...] = ()
+    # A regex of MODEL_NAMEs accepted beyond `models` (which is then a catalogue, not the whole
+    # list: e.g. any timm name); None: only the listed models.
+    model_name_pattern: str | None = None
+
+    def export_format(self, name: str) -> ExportFormat:
+        for fmt in self.export_formats:
+            if fmt.name == name:
+                return fmt
+        supported = ", ".join(f.name for f in self.export_formats) or "none"
+        raise ConfigError(f"EXPORT_FORMAT={name!r} is not supported (supported: {supported})")
+
+
+def installed_version(package: str) -> str | None:
+    """A distribution's version without importing it (importing torch takes seconds)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def pinned_version(requirements: Path, package: str) -> str | None:
+    """The exact version a requirements file pins `package` to (`torch==2.14.1`), else None."""
+    if not requirements.is_file():
+        return None
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pin = re.compile(r"^([A-Za-z0-9][\w.-]*)\s*(?:\[[^\]]*\])?\s*===?\s*([^\s;,#]+)")
+    for line in requirements.read_text(encoding="utf-8").splitlines():
+        match = pin.match(line.strip())
+        if match and canonical(match.group(1)) == canonical(package):
+            return match.group(2)
+    return None
+
+
+def settings_schema(settings: Sequence[Setting], title: str) -> dict[str, Any]:
+    """JSON Schema (2020-12) of a script's settings; a job config is an object of env names.
+
+    A conditional requirement (`required_if`) applies when the setting it depends on is given:
+    the platform validates a job's own settings before adding its infrastructure variables.
+    """
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    dependent: dict[str, list[str]] = {}
+    conditional: dict[tuple[str, str], list[str]] = {}
+    for s in settings:
+        prop: dict[str, Any] = {"type": _JSON_TYPES[s.kind], "description": s.help}
+        if s.default is not None and not s.secret:
+            prop["default"] = s.default
+        if s.choices:
+            prop["enum"] = list(s.choices)
+        if s.minimum is not None:
+            prop["minimum"] = s.minimum
+        if s.maximum is not None:
+            prop["maximum"] = s.maximum
+        if s.secret:
+            prop["writeOnly"] = True
+        prop.update({"x-secret": s.secret, "x-group": s.group, "x-flag": s.flag})
+        if s.required:
+            required.append(s.name)
+        elif s.required_if:
+            other, value = s.required_if
+            prop["x-required-if"] = {"setting": other, "value": value}
+            if value == "*":
+                dependent.setdefault(other, []).append(s.name)
+            else:
+                conditional.setdefault((other, value), []).append(s.name)
+        properties[s.name] = prop
+    schema: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "title": title,
+        "type": "object", "properties": properties, "required": required,
+        "additionalProperties": False}
+    if dependent:
+        schema["dependentRequired"] = dependent
+    if conditional:
+        schema["allOf"] = [
+            {"if": {"properties": {other: {"const": value}}, "required": [other]},
+             "then": {"required": names}} for (other, value), names in conditional.items()]
+    return schema
+
+
+def _declaration_problems(caps: Capabilities, scripts: Mapping[str, Sequence[Setting]]
+                          ) -> list[str]:
+    problems = []
+    tasks = {t.task_type for t in caps.tasks}
+    if not tasks:
+        problems.append("no tasks declared")
+    for task in caps.tasks:
+        if task.task_type not in TASK_TYPES:
+            problems.append(f"task {task.task_type!r} is not one of {', '.join(TASK_TYPES)}")
+        if task.primary_metric not in task.metrics:
+            problems.append(f"{task.task_type}: primary metric {task.primary_metric!r} is not "
+                            "among its metrics")
+    for model in caps.models:
+        if model.task_type not in tasks:
+            problems.append(f"model {model.name!r}: task {model.task_type!r} is not declared")
+    for task in sorted(tasks - {t for layout in caps.dataset_layouts for t in layout.task_types}):
+        problems.append(f"no dataset layout for task {task!r}")
+    if "train" not in scripts:
+        problems.append("no train.py")
+    export = {s.name: s for s in scripts.get("export", ())}.get("EXPORT_FORMAT")
+    declared = sorted(f.name for f in caps.export_formats)
+    if export is not None and sorted(export.choices) != declared:
+        problems.append(f"export.py's EXPORT_FORMAT choices {sorted(export.choices)} differ "
+                        f"from the declared export formats {declared}")
+    if export is None and declared:
+        problems.append("export formats are declared but there is no export.py")
+    return problems
+
+
+def build_manifest(trainer: str, capabilities: Capabilities,
+                   scripts: Mapping[str, Sequence[Setting]],
+                   framework_version: str | None = None) -> dict[str, Any]:
+    """The capabilities manifest: declarations + each script's settings (with the platform's).
+
+    `framework_version` defaults to the installed version of the framework's package.
+    """
+    problems = _declaration_problems(capabilities, scripts)
+    if problems:
+        raise ValueError(f"{trainer}: inconsistent capabilities: {'; '.join(problems)}")
+    caps = dataclasses.asdict(capabilities)
+    manifest = {
+        "$comment": "Generated by `python train.py --capabilities` from capabilities.py and the "
+                    "scripts' settings tables; regenerate with `python tools/sync.py` from the "
+                    "monorepo root. Never edit by hand.",
+        "manifest_version": MANIFEST_VERSION,
+        "contract_version": CONTRACT_VERSION,
+        "trainer": trainer,
+        "framework": {"name": caps["framework"], "package": caps["package"],
+                      "version": framework_version or installed_version(caps["package"])},
+        **{key: caps[key] for key in ("tasks", "models", "model_name_pattern", "dataset_layouts",
+                                      "export_formats")},
+        "scripts": {name: {"file": f"{name}.py", "settings_schema": settings_schema(
+            merge_settings(PLATFORM_SETTINGS, scripts[name]), f"{name}.py settings")}
+            for name in SCRIPTS if name in scripts},
+    }
+    return json.loads(json.dumps(manifest))  # plain JSON types: tuples become lists
+
+
+def _load_sibling(path: Path) -> Any:
+    """Import a trainer module by path; its own `import utils` resolves beside it."""
+    import importlib.util
+
+    name = f"_capabilities_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+        sys.modules.pop(name, None)
+    return module
+
+
+def describe_trainer(trainer_dir: Path, trainer: str) -> dict[str, Any]:
+    """The manifest of the trainer in `trainer_dir`: capabilities.py + each script's SETTINGS.
+
+    Only those modules are imported (they import utils, nothing heavy): never torch or the
+    framework, so this is instant. The framework's version is the one requirements.txt pins
+    (what the trainer's image runs), so the manifest does not depend on where it is generated;
+    without a pin (in the image, which has no requirements.txt) it is the installed one.
+    """
+    declarations = trainer_dir / "capabilities.py"
+    if not declarations.is_file():
+        raise ConfigError(f"trainer {trainer} declares no capabilities ({declarations} with "
+                          "CAPABILITIES = utils.Capabilities(...) is missing)")
+    scripts = {name: _load_sibling(trainer_dir / f"{name}.py").SETTINGS for name in SCRIPTS
+               if (trainer_dir / f"{name}.py").is_file()}
+    capabilities = _load_sibling(declarations).CAPABILITIES
+    return build_manifest(trainer, capabilities, scripts, pinned_version(
+        trainer_dir / "requirements.txt", capabilities.package))
+
+
+def _as_kind(schema_type: str, value: Any) -> tuple[Any, str | None]:
+    """(value, None) when `value` is of the JSON type or a string the trainer parses as it."""
+    ok = {"string": lambda v: isinstance(v, str),
+          "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "boolean": lambda v: isinstance(v, bool),
+          "object": lambda v: isinstance(v, dict)}[schema_type]
+    if ok(value):
+        return value, None
+    expected = {"string": "a string", "integer": "an integer", "number": "a number",
+                "boolean": "a boolean (true/false/1/0/yes/no)",
+                "object": "a JSON object"}[schema_type]
+    if isinstance(value, str) and schema_type != "string":
+        kind = {v: k for k, v in _JSON_TYPES.items()}[schema_type]
+        try:
+            return Setting("_", kind).convert(value), None
+        except ConfigError:
+            pass
+    return None, f"is not {expected}"
+
+
+def validate_job_settings(manifest: Mapping[str, Any], script: str,
+                          settings: Mapping[str, Any]) -> list[str]:
+    """Every problem with a job's settings for `script` ("train", ...), before launch; [] if none.
+
+    `settings` maps setting names (the env var names) to typed JSON values or to the strings the
+    job's environment will hold ("5", "true"); None or "" means unset. Checks: unknown settings,
+    types, choices, ranges, required settings (a conditional one when the setting it depends on
+    is given), and MODEL_NAME / TASK_TYPE / PRETRAINED against the manifest's models and tasks.
+    Each message starts with the offending setting's name; secret values are never repeated.
+    """
+    scripts = manifest.get("scripts", {})
+    if script not in scripts:
+        return [f"{script}.py is not a script of this trainer "
+                f"(it has: {', '.join(f'{s}.py' for s in scripts)})"]
+    schema = scripts[script]["settings_schema"]
+    props = schema["properties"]
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    given = set()
+    for name, raw in settings.items():
+        prop = props.get(name)
+        if prop is None:
+            problems.append(f"{name} is not a setting of {script}.py")
+            continue
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            continue
+        given.add(name)
+        shown = "<redacted>" if prop.get("x-secret") else repr(raw)
+        value, problem = _as_kind(prop["type"], raw)
+        if problem is None and "enum" in prop and value not in prop["enum"]:
+            problem = f"is not one of {', '.join(map(str, prop['enum']))}"
+        elif problem is None and "minimum" in prop and value < prop["minimum"]:
+            problem = f"is below the minimum {prop['minimum']:g}"
+        elif problem is None and "maximum" in prop and value > prop["maximum"]:
+            problem = f"is above the maximum {prop['maximum']:g}"
+        if problem:
+            problems.append(f"{name}={shown} {problem}")
+        else:
+            values[name] = value
+    for name, prop in props.items():
+        condition = prop.get("x-required-if")
+        if name in given:
+            continue
+        if name in schema.get("required", ()):
+            problems.append(f"{name} is required")
+        elif condition and condition["setting"] in values and condition["value"] in (
+                "*", values[condition["setting"]]):
+            when = " is set" if condition["value"] == "*" else f"={condition['value']}"
+            problems.append(f"{name} is required when {condition['setting']}{when}")
+    return problems + _model_problems(manifest, props, values)
+
+
+def _model_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
+                    values: Mapping[str, Any]) -> list[str]:
+    """MODEL_NAME, TASK_TYPE and PRETRAINED against the models and tasks the trainer declares."""
+    problems = []
+    tasks = [t["task_type"] for t in manifest.get("tasks", [])]
+    task = values.get("TASK_TYPE")
+    if task is not None and tasks and task not in tasks:
+        problems.append(f"TASK_TYPE={task!r} is not a task of this trainer ({', '.join(tasks)})")
+    models = {m["name"]: m for m in manifest.get("models", [])}
+    if "MODEL_NAME" not in props or not models:
+        return problems
+    name = values.get("MODEL_NAME", props["MODEL_NAME"].get("default"))
+    model = models.get(name)
+    pattern = manifest.get("model_name_pattern")
+    if "MODEL_NAME" in values and model is None and not (
+            pattern and re.fullmatch(pattern, str(name))):
+        also = f" or a name matching {pattern}" if pattern else ""
+        problems.append(f"MODEL_NAME={name!r} is not a model of this trainer "
+                        f"({', '.join(models)}{also})")
+    if model is not None:
+        pretrained = values.get("PRETRAINED", props.get("PRETRAINED", {}).get("default"))
+        if pretrained and not model["pretrained"]:
+            problems.append(f"PRETRAINED=true but {name} has no pretrained weights")
+        # Only a model the job names must fit its task: a trainer may adapt its default model
+        # to TASK_TYPE (Ultralytics' yolo11n becomes yolo11n-cls for classification).
+        if task is not None and "MODEL_NAME" in values and model["task_type"] != task:
+            problems.append(f"MODEL_NAME={name!r} is for {model['task_type']}, not "
+                            f"TASK_TYPE={task!r}")
+    return problems
+
+
+# =============================================================================================
+# 3. Storage
+# =============================================================================================
+
+_DATASET_ID = re.compile(r"^[\w][\w.\-]*$")
+_ARCHIVE_MAX_RATIO = 200  # uncompressed / compressed, above which an archive is a bomb
+_ARCHIVE_RATIO_FLOOR = 64 * 2**20  # ratios only matter for archives past this size
+_ARCHIVE_MAX_BYTES = 1 << 40  # 1 TiB declared: absurd for one job's dataset
+_IGNORED_TOP_LEVEL = {"__MACOSX", ".DS_Store"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+class Storage:
+    """One bucket: S3-compatible (MinIO, R2, S3) through boto3, or a local folder."""
+
+    def __init__(self, kind: str, bucket: str, *, endpoint: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None,
+                 local_root: str | os.PathLike | None = None):
+        self.kind, self.bucket, self.endpoint = kind, bucket, endpoint
+        self._credentials = (access_key, secret_key)
+        self.local_root = Path(local_root).resolve() if local_root else None
+        self._client = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Storage:
+        kind = cfg.storage_type
+        if kind == "local":
+            return cls(kind, cfg.storage_bucket, local_root=cfg.local_storage_root)
+        if kind == "minio":
+            return cls(kind, cfg.storage_bucket, endpoint=cfg.minio_endpoint,
+                       access_key=cfg.minio_access_key, secret_key=cfg.minio_secret_key)
+        if kind == "r2":
+            return cls(kind, cfg.storage_bucket, endpoint=cfg.r2_endpoint,
+                       access_key=cfg.r2_access_key_id, secret_key=cfg.r2_secret_access_key)
+        return cls(kind, cfg.storage_bucket, endpoint=cfg.s3_endpoint_url)
+
+    # -- addressing ----------------------------------------------------------------------------
+    def uri(self, key: str) -> str:
+        if self.kind == "local":
+            return (self.local_root / key).as_uri()
+        return f"s3://{self.bucket}/{key}"
+
+    def split(self, path: str) -> tuple[str, str]:
+        """(bucket, key) of a storage key, an s3://bucket/key URI or a file:// URI."""
+        if path.startswith("s3://"):
+            bucket, _, key = path[5:].partition("/")
+            return bucket, key
+        if path.startswith("file://") and self.local_root:
+            full = Path(urlsplit(path).path)
+            return self.bucket, full.relative_to(self.local_root).as_posix()
+        return self.bucket, path.lstrip("/")
+
+    def _where(self, bucket: str, key: str) -> str:
+        return f"s3://{bucket}/{key}" if self.kind != "local" else f"{self.local_root}/{key}"
+
+    # -- boto3 ---------------------------------------------------------------------------------
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config as BotoConfig
+
+                access_key, secret_key = self._credentials
+                self._client = boto3.client(
+                    "s3", endpoint_url=self.endpoint or None,
+                    aws_access_key_id=access_key or None,
+                    aws_secret_access_key=secret_key or None,
+                    region_name="auto" if self.kind == "r2" else None,
+                    config=BotoConfig(
+                        signature_version="s3v4", connect_timeout=5, read_timeout=60,
+                        retries={"mode": "standard", "max_attempts": 5},
+                        max_pool_connections=32,
+                        s3={"addressing_style": "path" if self.kind == "minio" else "auto"}))
+            return self._client
+
+    @staticmethod
+    def _transfer_config():
+        from boto3.s3.transfer import TransferConfig
+
+        # Large parts and many threads: staging a dataset is bandwidth-bound, not CPU-bound.
+        return TransferConfig(multipart_threshold=32 * 2**20, multipart_chunksize=32 * 2**20,
+                              max_concurrency=16, use_threads=True)
+
+    def _error(self, exc: Exception, bucket: str, key: str, action: str) -> StorageError:
+        where = self._where(bucket, key)
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
+
+        # upload_file wraps the ClientError (403, NoSuchBucket, ...) in S3UploadFailedError,
+        # whose message is the raw botocore text: classify the cause instead.
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+            exc = exc.__context__
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return StorageError(f"{where} not found")
+            if code == "NoSuchBucket":
+                return StorageError(f"bucket {bucket!r} does not exist ({where})")
+            if status == 403 or code in ("403", "AccessDenied", "InvalidAccessKeyId",
+                                         "SignatureDoesNotMatch"):
+                return StorageError(f"access denied while {action} {where} "
+                                    "(check the storage credentials)")
+            return StorageError(f"storage error while {action} {where}: {code or status}")
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(f"no storage credentials for {where}")
+        if isinstance(exc, EndpointConnectionError) or "Connect" in type(exc).__name__:
+            return StorageError(f"storage endpoint {redact_url(self.endpoint or 'default')} "
+                                f"unreachable while {action} {where}")
+        if isinstance(exc, BotoCoreError):
+            return StorageError(f"storage error while {action} {where}: {type(exc).__name__}")
+        return StorageError(f"storage error while {action} {where}: {exc}")
+
+    # -- operations ----------------------------------------------------------------------------
+    def head(self, path: str) -> ObjectInfo:
+        bucket, key = self.split(path)
+        if self.kind == "local":
+            file = self.local_root / key
+            if not file.is_file():
+                raise StorageError(f"{self._where(bucket, key)} not found")
+            st = file.stat()
+            return ObjectInfo(key, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
+        try:
+            meta = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise self._error(exc, bucket, key, "reading") from exc
+        return ObjectInfo(key, int(meta["ContentLength"]), meta["ETag"].strip('"'))
+
+    def download(self, path: str, dest: Path, *, size: int | None = None) -> Path:
+        """Fetch an object to `dest` atomically (a partial download never looks complete)."""
+        bucket, key = self.split(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".part")
+        if self.kind == "local":
+            source = self.local_root / key
+            if not source.is_file():
+                raise StorageError(f"{self._where(bucket, key)} not found")
+            shutil.copyfile(source, partial)
+        else:
+            progress = _Progress(f"download {key}", size)
+            try:
+                self.client.download_file(bucket, key, str(partial), Callback=progress.update,
+                                          Config=self._transfer_config())
+            except Exception as exc:
+                partial.unlink(missing_ok=True)
+                raise self._error(exc, bucket, key, "downloading") from exc
+            finally:
+                progress.close()
+        os.replace(partial, dest)
+        return dest
+
+    def upload(self, local_path: str | os.PathLike, path: str) -> str:
+        bucket, key = self.split(path)
+        local_path = Path(local_path)
+        if self.kind == "local":
+            target = self.local_root / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            shutil.copyfile(local_path, partial)
+            os.replace(partial, target)
+            return target.as_uri()
+        try:
+            self.client.upload_file(str(local_path), bucket, key, Config=self._transfer_config())
+        except Exception as exc:
+            raise self._error(exc, bucket, key, "uploading") from exc
+        return f"s3://{bucket}/{key}"
+
+    def list(self, prefix: str) -> list[str]:
+        bucket, prefix = self.split(prefix)
+        if self.kind == "local":
+            root = self.local_root / prefix
+            return sorted(p.relative_to(self.local_root).as_posix()
+                          for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        except Exception as exc:
+            raise self._error(exc, bucket, prefix, "listing") from exc
+        return keys
+
+
+class _Progress:
+    """A tqdm bar on a terminal, a log line every ~10 % (or 30 s) otherwise. Thread-safe."""
+
+    def __init__(self, label: str, total: int | None):
+        self.label, self.total, self.done = label, total, 0
+        self._lock = threading.Lock()
+        self._bar = None
+        self._next_log = time.monotonic() + 30
+        self._next_fraction = 0.1
+        if sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, leave=False)
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            if self._bar is not None:
+                self._bar.update(n)
+                return
+            fraction = self.done / self.total if self.total else 0.0
+            if fraction >= self._next_fraction or time.monotonic() >= self._next_log:
+                log.info("%s: %.0f MB%s", self.label, self.done / 2**20,
+                         f" ({fraction:.0%})" if self.total else "")
+                self._next_fraction = fraction + 0.1
+                self._next_log = time.monotonic() + 30
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "a '..' path"
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if mode and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)
+                 or stat.S_ISSOCK(mode)):
+        return "a device or special file"
+    return None
+
+
+def check_archive(archive: Path, *, label: str, compressed_size: int) -> int:
+    """Reject unsafe members and absurd sizes; return the total uncompressed size."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError(f"{label} is not a valid zip archive ({exc})") from None
+    with zf:
+        return _check_members(zf, label=label, compressed_size=compressed_size)
+
+
+def _check_members(zf: zipfile.ZipFile, *, label: str, compressed_size: int) -> int:
+    """`check_archive` on an open archive (its central directory is all it reads)."""
+    total = 0
+    for info in zf.infolist():
+        problem = _member_problem(info)
+        if problem:
+            raise DatasetError(f"{label} is unsafe: member {info.filename!r} is {problem}")
+        total += info.file_size
+    ratio = total / max(compressed_size, 1)
+    if total > _ARCHIVE_MAX_BYTES or (total > _ARCHIVE_RATIO_FLOOR and ratio > _ARCHIVE_MAX_RATIO):
+        raise DatasetError(f"{label} looks like a zip bomb: {total / 2**20:.0f} MB declared "
+                           f"from {compressed_size / 2**20:.1f} MB (ratio {ratio:.0f})")
+    return total
+
+
+def extract_archive(archive: Path, dest: Path, *, label: str) -> None:
+    """Extract members checked by `check_archive`, never writing more than each one declares."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                _extract_member(zf, info, dest, label=label)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{label} is corrupt ({exc})") from None
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, *,
+                    label: str) -> None:
+    target = dest / info.filename.replace("\\", "/")
+    if info.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with zf.open(info) as src, open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > info.file_size:
+                raise DatasetError(f"{label}: member {info.filename!r} is larger than it "
+                                   "declares")
+            out.write(chunk)
+
+
+def dataset_root(extracted: Path) -> Path:
+    """Unwrap a single top-level folder (`sample/train/...` -> `sample`)."""
+    entries = [p for p in extracted.iterdir() if p.name not in _IGNORED_TOP_LEVEL]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return extracted
+
+
+def _free_bytes(path: Path, budget_mb: int | None) -> int:
+    free = shutil.disk_usage(path).free
+    return free if budget_mb is None else min(free, budget_mb * 2**20)
+
+
+_PART_BYTES = 64 * 2**20  # a dataset is fetched in ranged GETs of at least this size ...
+_PART_THREADS = 8  # ... and at most this many at once
+_TAIL_BYTES = 2**20  # first read of an archive's end: its central directory, usually all of it
+
+
+class _ShortRead(Exception):
+    """The server closed a ranged GET before its last byte."""
+
+
+class _RangedDownload:
+    """One object fetched into a local file by parallel ranged GETs, written where each byte
+    belongs, with a record of which ranges have arrived: a reader may use a range (`wait_for`)
+    before the whole object is in. A broken stream resumes where it stopped (5 tries a part).
+    """
+
+    def __init__(self, storage: Storage, key: str, size: int, path: Path, progress: _Progress):
+        self.storage, self.size, self.path, self.progress = storage, size, path, progress
+        self.bucket, self.key = storage.split(key)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, size)  # sparse: takes disk space only as the bytes arrive
+        self._parts: list[list[int]] = []  # [start, end, bytes arrived from start]
+        self._changed = threading.Condition()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def fetch(self, start: int, end: int) -> None:
+        """Bytes [start, end), now, in this thread."""
+        self._get(start, end, None)
+
+    def start(self, end: int) -> None:
+        """Bytes [0, end) in the background: up to _PART_THREADS parts of >= _PART_BYTES."""
+        count = max(1, min(_PART_THREADS, -(-end // _PART_BYTES)))
+        bounds = [end * i // count for i in range(count + 1)]
+        self._parts = [[a, b, 0] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        for part in self._parts:
+            thread = threading.Thread(target=self._run_part, args=(part,), daemon=True,
+                                      name=f"download-{part[0]}")
+            thread.start()
+            self._threads.append(thread)
+
+    def _run_part(self, part: list[int]) -> None:
+        try:
+            self._get(part[0], part[1], part)
+        except BaseException as exc:  # handed to the reader, which raises it
+            with self._changed:
+                self._error = self._error or exc
+                self._changed.notify_all()
+
+    def _get(self, start: int, end: int, part: list[int] | None) -> None:
+        from botocore.exceptions import BotoCoreError
+
+        offset, tries = start, 0
+        while offset < end and not self._stop.is_set():
+            try:
+                body = self.storage.client.get_object(
+                    Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{end - 1}")["Body"]
+                while offset < end and not self._stop.is_set():
+                    chunk = body.read(min(2**20, end - offset))
+                    if not chunk:
+                        raise _ShortRead(f"stream ended at byte {offset} of {end}")
+                    os.pwrite(self._fd, chunk, offset)
+                    offset += len(chunk)
+                    self.progress.update(len(chunk))
+                    if part is not None:
+                        with self._changed:
+                            part[2] = offset - part[0]
+                            self._changed.notify_all()
+            except (BotoCoreError, _ShortRead) as exc:  # the client retried the request itself
+                tries += 1
+                if tries >= 5:
+                    raise self.storage._error(exc, self.bucket, self.key, "downloading") from exc
+                time.sleep(0.25 * 2**tries)
+            except Exception as exc:
+                raise self.storage._error(exc, self.bucket, self.key, "downloading") from exc
+
+    def _arrived(self, start: int, end: int) -> bool:
+        """Bytes outside the parts (the tail) were fetched before the parts started."""
+        for a, b, done in self._parts:
+            if start < b and end > a and min(end, b) > a + done:
+                return False
+        return True
+
+    def wait_for(self, start: int, end: int) -> None:
+        """Return once bytes [start, end) are in the file; raise the first download error."""
+        with self._changed:
+            while not self._arrived(start, end):
+                if self._error is not None:
+                    raise self._error
+                self._changed.wait(1.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)  # a part stops at its next chunk; daemons, should a read hang
+        os.close(self._fd)
+
+
+def _open_remote_zip(download: _RangedDownload, label: str) -> tuple[zipfile.ZipFile, int]:
+    """Fetch the archive's end until its central directory reads; (archive, first byte read).
+
+    Bytes not fetched yet read as zeros, so a central directory that begins before the fetched
+    tail fails its signature check and a bigger tail is fetched (x8, up to the whole object).
+    """
+    size, fetched_from, want = download.size, download.size, min(download.size, _TAIL_BYTES)
+    while True:
+        start = size - want
+        download.fetch(start, fetched_from)
+        fetched_from = start
+        raw = open(download.path, "rb", buffering=0)  # unbuffered: never a stale read-ahead
+        try:
+            return zipfile.ZipFile(raw), start
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raw.close()
+            if start == 0:
+                raise DatasetError(f"{label} is not a valid zip archive ({exc})") from None
+            want = min(size, want * 8)
+
+
+def _fetch_and_extract(storage: Storage, key: str, size: int, entry: Path, *, label: str,
+                       disk_budget_mb: int | None) -> None:
+    """Stage an archive from S3, extracting each member while the rest is still downloading.
+
+    The central directory (the archive's end) is fetched first, so every member is checked
+    (`check_archive`'s rules) and the disk space is known before any data is fetched; then the
+    data arrives in parallel ranged GETs while the members are extracted in archive order, each
+    as soon as its bytes are in. The archive file is removed at the end.
+    """
+    archive = entry / "archive.zip"
+    progress = _Progress(f"download {key}", size)
+    download = _RangedDownload(storage, key, size, archive, progress)
+    zf = None
+    try:
+        zf, tail_start = _open_remote_zip(download, label)
+        total = _check_members(zf, label=label, compressed_size=size)
+        free = _free_bytes(entry, disk_budget_mb) - tail_start  # the archive's rest comes too
+        if total > free:
+            raise DatasetError(f"not enough disk space to extract {key}: {total / 2**20:.0f} MB "
+                               f"needed, {max(free, 0) / 2**20:.0f} MB free in {entry}")
+        download.start(tail_start)
+        members = sorted(zf.infolist(), key=lambda info: info.header_offset)
+        ends = [info.header_offset for info in members[1:]] + [size]
+        dest = entry / "data"
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            for info, end in zip(members, ends, strict=True):
+                download.wait_for(info.header_offset, end)
+                _extract_member(zf, info, dest, label=label)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{label} is corrupt ({exc})") from None
+    finally:
+        if zf is not None:
+            raw = zf.fp
+            zf.close()  # leaves a file object it was given open
+            if raw is not None:
+                raw.close()
+        download.close()
+        progress.close()
+        archive.unlink(missing_ok=True)
+
+
+def stage_dataset(storage: Storage, dataset_id: str, cache_dir: Path,
+                  disk_budget_mb: int | None = None) -> Path:
+    """Download `datasets/{id}.zip`, extract it safely into the cache, return its root.
+
+    The cache is keyed by the object's ETag: a retried job on the same machine (same cache dir)
+    skips both the download and the extraction, and a changed object is fetched again. From S3
+    the members are extracted while the archive downloads (`_fetch_and_extract`).
+    """
+    if not _DATASET_ID.match(dataset_id) or ".." in dataset_id:
+        raise ConfigError(f"DATASET_ID={dataset_id!r} is not a valid dataset id")
+    key = f"datasets/{dataset_id}.zip"
+    info = storage.head(key)
+    entry = cache_dir / "datasets" / dataset_id / re.sub(r"[^\w.-]", "_", info.etag)
+    marker = entry / "complete.json"
+    if marker.is_file():
+        root = entry / json.loads(marker.read_text())["root"]
+        log.info("dataset %s: cache hit (%s)", dataset_id, root)
+        return root
+    if entry.exists():
+        shutil.rmtree(entry)  # a previous attempt died half-way
+    entry.mkdir(parents=True)
+    free = _free_bytes(entry, disk_budget_mb)
+    if info.size > free:
+        raise DatasetError(f"not enough disk space for {key}: {info.size / 2**20:.0f} MB needed, "
+                           f"{free / 2**20:.0f} MB free in {entry}")
+    started = time.monotonic()
+    label = storage.uri(key)
+    if storage.kind != "local":
+        _fetch_and_extract(storage, key, info.size, entry, label=label,
+                           disk_budget_mb=disk_budget_mb)
+    else:
+        archive = storage.download(key, entry / "archive.zip", size=info.size)
+        total = check_archive(archive, label=label, compressed_size=info.size)
+        free = _free_bytes(entry, disk_budget_mb)
+        if total > free:
+            raise DatasetError(f"not enough disk space to extract {key}: "
+                               f"{total / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free in "
+                               f"{entry}")
+        extract_archive(archive, entry / "data", label=label)
+        archive.unlink()
+    root = dataset_root(entry / "data")
+    marker.write_text(json.dumps({"root": root.relative_to(entry).as_posix(), "key": key,
+                                  "etag": info.etag}))
+    log.info("dataset %s: %.1f MB staged in %.1f s -> %s", dataset_id, info.size / 2**20,
+             time.monotonic() - started, root)
+    return root
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def stage_inputs(storage: Storage, input_path: str, dest: Path) -> list[Path]:
+    """The images named by INPUT_PATH, as local files.
+
+    INPUT_PATH is a storage key (or URI) of one image, of a .zip of images, or a prefix ending
+    in `/`; a person may also point it at a local file, folder or zip (`--input-path ./images`).
+    """
+    local = Path(input_path)
+    if not input_path.startswith(("s3://", "file://")) and local.exists():
+        if local.is_dir():
+            images = list_images(local)
+        elif local.suffix.lower() == ".zip":
+            size = local.stat().st_size
+            check_archive(local, label=str(local), compressed_size=size)
+            extract_archive(local, dest, label=str(local))
+            images = list_images(dest)
+        else:
+            images = [local.resolve()] if is_image(local) else []
+    elif input_path.endswith("/"):
+        bucket, prefix = storage.split(input_path)
+        for key in storage.list(input_path):
+            if is_image(key):
+                storage.download(f"s3://{bucket}/{key}" if storage.kind != "local" else key,
+                                 dest / key[len(prefix):])
+        images = list_images(dest)
+    else:
+        _, key = storage.split(input_path)
+        file = storage.download(input_path, dest / PurePosixPath(key).name)
+        if file.suffix.lower() == ".zip":
+            check_archive(file, label=storage.uri(key), compressed_size=file.stat().st_size)
+            extract_archive(file, dest / "unzipped", label=storage.uri(key))
+            file.unlink()
+            images = list_images(dest)
+        else:
+            images = [file] if is_image(file) else []
+    if not images:
+        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {input_path}")
+    return images
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success it replaces `dest` in one step."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_export_archive(dest: Path, files: Mapping[str, Path],
+                         metadata: Mapping[str, Any]) -> Path:
+    """Zip exported model files (or folders) and metadata.json into `dest`, atomically.
+
+    The archive is read back before it replaces `dest`: a failure anywhere leaves no archive,
+    never a half-written one.
+    """
+    with atomic_path(dest) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("metadata.json",
+                             json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+            for name, path in files.items():
+                if not path.is_dir():
+                    archive.write(path, name)  # a missing file raises: no partial archive
+                    continue
+                for member in sorted(path.rglob("*")):
+                    if member.is_file():
+                        archive.write(member, f"{name}/{member.relative_to(path).as_posix()}")
+        with zipfile.ZipFile(tmp) as archive:
+            broken = archive.testzip()
+        if broken is not None:
+            raise TrainerError(f"{dest.name}: {broken} did not read back intact")
+    return dest
+
+
+# =============================================================================================
+# 4. Background delivery
+# =============================================================================================
+
+
+def _yield_cpu_to_training() -> None:
+    """Run the calling thread (and the threads it starts) at the lowest CPU priority.
+
+    Background delivery needs little CPU, but on a busy core every wake-up of an upload thread
+    preempted the training thread and handed the GIL over: 3 x 10 MB of uploads slowed a
+    training loop on the same core by ~70 % at normal priority, ~0 % at nice 19
+    (tools/bench.py). Linux gives each thread its own nice value; elsewhere this does nothing.
+    """
+    if sys.platform.startswith("linux") and hasattr(threading, "get_native_id"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class OrderedWorker:
+    """One daemon thread that handles items in submission order.
+
+    `flush(timeout)` waits until everything submitted so far is handled or the timeout passes;
+    the thread is a daemon, so a hung handler can never keep the process alive past its exit.
+    """
+
+    def __init__(self, name: str, handler: Callable[[Any], None]):
+        self.name, self._handler = name, handler
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.closing = threading.Event()  # handlers stop retrying once this is set and due
+        self.deadline: float | None = None
+
+    def submit(self, item: Any) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        _yield_cpu_to_training()
+        while True:
+            item = self._queue.get()
+            try:
+                self._handler(item)
+            except Exception:  # a handler bug must not kill delivery of later items
+                log.exception("%s: unexpected error", self.name)
+            finally:
+                self._queue.task_done()
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def flush(self, timeout: float) -> bool:
+        """True when everything submitted so far was handled within `timeout` seconds."""
+        end = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self, timeout: float) -> bool:
+        self.deadline = time.monotonic() + timeout
+        self.closing.set()
+        return self.flush(timeout)
+
+    def time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+
+def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
+    """Exponential backoff with full jitter, each delay at most `cap` seconds."""
+    attempt = 0
+    while True:
+        yield random.uniform(base, min(cap, base * 2**attempt))
+        attempt += 1
+
+
+class Uploader:
+    """Uploads in the background from a snapshot, retrying a storage outage."""
+
+    def __init__(self, storage: Storage, staging_dir: Path, retry_for_s: float = 300.0):
+        self.storage, self.staging_dir, self.retry_for_s = storage, staging_dir, retry_for_s
+        self.errors: list[StorageError] = []
+        self._worker = OrderedWorker("uploads", self._upload)
+        self._count = 0
+
+    def submit(self, local_path: Path, key: str) -> str:
+        """Snapshot `local_path` (a hard link, else a copy) and upload it in the background."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._count += 1
+        snapshot = self.staging_dir / f"{self._count:06d}-{Path(key).name}"
+        try:
+            # Free, and safe: checkpoints are replaced (atomic_path), never rewritten in place.
+            os.link(local_path, snapshot)
+        except OSError:
+            shutil.copyfile(local_path, snapshot)
+        self._worker.submit((snapshot, key))
+        return self.storage.uri(key)
+
+    def _upload(self, item: tuple[Path, str]) -> None:
+        snapshot, key = item
+        started = time.monotonic()
+        delays = backoff_delays(1.0, 15.0)
+        try:
+            while True:
+                try:
+                    self.storage.upload(snapshot, key)
+                    return
+                except StorageError as exc:
+                    retrying = time.monotonic() - started < self.retry_for_s
+                    if not retrying or self._worker.time_left() < 0:
+                        log.error("upload of %s failed: %s", key, exc)
+                        self.errors.append(exc)
+                        return
+                    log.warning("upload of %s failed, retrying: %s", key, exc)
+                    time.sleep(min(next(delays), max(self._worker.time_left(), 0)))
+        finally:
+            snapshot.unlink(missing_ok=True)
+
+    def flush(self, timeout: float) -> None:
+        """Wait for every queued upload; raise the first failure (an upload is the job's output)."""
+        if not self._worker.flush(timeout):
+            raise StorageError(f"uploads still pending after {timeout:.0f} s")
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self, timeout: float) -> bool:
+        return self._worker.close(timeout)
+
+
+# =============================================================================================
+# 5. Callbacks
+# =============================================================================================
+
+_RETRY_STATUS = {408, 429}
+JOURNAL_NAME = "callbacks.jsonl"
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(float(value), 0.0)
+    with contextlib.suppress(TypeError, ValueError):
+        from email.utils import parsedate_to_datetime
+
+        when = parsedate_to_datetime(value)
+        return max((when - _dt.datetime.now(_dt.UTC)).total_seconds(), 0.0)
+    return None
+
+
+class CallbackClient:
+    """Ordered, retried, non-blocking delivery of the job's events to the platform backend.
+
+    Every event gets the next `seq`, is appended to `callbacks.jsonl` in the work dir, then is
+    delivered by a background thread: timeouts, connection errors, 408, 429 (Retry-After) and
+    5xx are retried with capped exponential backoff; other 4xx are not (one warning). After a
+    401/403/404 the backend will not accept anything else, so delivery stops for the job.
+    With no base URL, events are only journaled.
+    """
+
+    def __init__(self, base_url: str | None, token: str | None, job_id: str | None,
+                 journal: Path, *, timeout: tuple[float, float] = (3.05, 10.0),
+                 max_backoff: float = 30.0, on_cancel: Callable[[], None] | None = None):
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self._token, self.job_id, self.journal = token, job_id, journal
+        self.timeout, self.max_backoff, self.on_cancel = timeout, max_backoff, on_cancel
+        self._lock = threading.Lock()
+        self._seq = self._last_journaled_seq()
+        self._worker = OrderedWorker("callbacks", self._deliver)
+        self._session = None
+        self.disabled_reason: str | None = None
+        self._warned: set[int] = set()
+        self.delivered = 0
+        self.abandoned = 0  # given up at the exit deadline: close() must not report success
+        self._last_status: dict[str, Any] | None = None  # the latest PATCH /status event
+        self._last_delivered_seq = 0  # delivery is in order: every seq up to it is done
+
+    def _last_journaled_seq(self) -> int:
+        """Continue `seq` after a restart on the same work dir (idempotency keys stay unique)."""
+        last = 0
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.journal.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    last = max(last, int(json.loads(line)["seq"]))
+        return last
+
+    def send(self, method: str, route: str, body: dict[str, Any]) -> int:
+        with self._lock:
+            self._seq += 1
+            event = {"method": method, "route": route,
+                     "body": {**body, "job_id": self.job_id, "seq": self._seq}}
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"seq": self._seq, "time": _utc_now(), **event},
+                                    default=_json_default) + "\n")
+            if self.base_url and not self.disabled_reason:
+                self._worker.submit(event)
+                if route == "status":
+                    self._last_status = event
+            return self._seq
+
+    def continue_journal(self) -> None:
+        """Continue `seq` after the journal was restored from an earlier attempt's upload."""
+        with self._lock:
+            self._seq = max(self._seq, self._last_journaled_seq())
+
+    def _url(self, route: str) -> str:
+        return self.base_url + "/" + route.lstrip("/")  # join, never replace, the base path
+
+    def _headers(self, seq: int) -> dict[str, str]:
+        return {"X-Internal-Auth": self._token or "", "Content-Type": "application/json",
+                "Idempotency-Key": f"{self.job_id}:{seq}"}
+
+    def _warn_once(self, status: int, message: str, *args: Any) -> None:
+        if status not in self._warned:
+            self._warned.add(status)
+            log.warning(message, *args)
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        import requests
+
+        if self._session is None:
+            self._session = requests.Session()
+        seq = event["body"]["seq"]
+        payload = json.dumps(event["body"], default=_json_default)
+        delays = backoff_delays(0.5, self.max_backoff)
+        while not self.disabled_reason:
+            wait: float | None = None
+            try:
+                response = self._session.request(
+                    event["method"], self._url(event["route"]), data=payload,
+                    headers=self._headers(seq), timeout=self.timeout)
+            except requests.RequestException as exc:
+                self._warn_once(0, "backend unreachable (%s); retrying in the background",
+                                type(exc).__name__)
+            else:
+                status = response.status_code
+                if status < 300:
+                    self.delivered += 1
+                    self._last_delivered_seq = seq
+                    self._check_cancel(response)
+                    return
+                if status == 422:
+                    log.error("backend rejected %s %s as unreadable (HTTP 422): %s -- a bug on "
+                              "the trainer's side; not retried", event["method"], event["route"],
+                              response.text[:300])
+                    return
+                if status in (401, 403, 404):
+                    self.disabled_reason = f"HTTP {status}"
+                    log.warning("backend answered HTTP %s to %s %s: callbacks are off for this "
+                                "job; events stay in %s", status, event["method"],
+                                event["route"], self.journal.name)
+                    return
+                if status not in _RETRY_STATUS and status < 500:
+                    self._warn_once(status, "backend answered HTTP %s; not retried", status)
+                    return
+                wait = _retry_after(response.headers.get("Retry-After"))
+                self._warn_once(status, "backend answered HTTP %s; retrying in the background",
+                                status)
+            delay = min(wait if wait is not None else next(delays), self.max_backoff)
+            if self._worker.closing.is_set():
+                left = self._worker.time_left()
+                if left <= 0:
+                    self.abandoned += 1
+                    return
+                delay = min(delay, left)
+            time.sleep(delay)
+
+    def _check_cancel(self, response: Any) -> None:
+        with contextlib.suppress(ValueError):
+            body = response.json()
+            if isinstance(body, dict) and body.get("cancel") is True and self.on_cancel:
+                self.on_cancel()
+
+    def pending(self) -> int:
+        return self._worker.pending()
+
+    def close(self, timeout: float) -> bool:
+        """Deliver what is queued within `timeout` seconds; True when nothing was left behind."""
+        if not self.base_url:
+            return True
+        # Part of the time is kept for a direct attempt at the terminal status: behind a hung or
+        # dead backend the in-order queue never reaches it, and it is what the platform needs.
+        reserve = min(max(timeout / 2, 1.0), 5.0) if self._last_status else 0.0
+        done = self._worker.close(max(timeout - reserve, 0.0)) and not self.abandoned
+        if not done:
+            log.warning("backend: %d event(s) not delivered within %.0f s at exit (kept in %s)%s",
+                        self._worker.pending() + self.abandoned, timeout, self.journal.name,
+                        self._last_word(reserve))
+        return done
+
+    def _last_word(self, timeout: float) -> str:
+        """Send the latest status once, ahead of the undelivered events; say how it went."""
+        import requests
+
+        event = self._last_status
+        if event is None or self.disabled_reason or event["body"]["seq"] <= (
+                self._last_delivered_seq) or timeout <= 0:
+            return ""
+        seq = event["body"]["seq"]
+        try:
+            response = requests.request(
+                event["method"], self._url(event["route"]),
+                data=json.dumps(event["body"], default=_json_default),
+                headers=self._headers(seq), timeout=(min(self.timeout[0], timeout), timeout))
+        except requests.RequestException as exc:
+            return f"; the final status was attempted ahead of them ({type(exc).__name__})"
+        return f"; the final status was sent ahead of them (HTTP {response.status_code})"
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@dataclasses.dataclass
+class TrainingMetrics:
+    """Body of POST /training-metrics (contract section 3), less the fields the job fills in."""
+
+    loss: float | None = None
+    accuracy: float | None = None
+    learning_rate: float | None = None
+    extra_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    """Body of POST /validation-results (contract section 3), less epoch and checkpoint."""
+
+    task_type: str
+    metrics: dict[str, float]
+    primary_metric_name: str
+    primary_metric_value: float
+    overall_loss: float | None = None
+    per_class_metrics: dict[str, dict[str, float]] | None = None
+    confusion_matrix: list[list[int]] | None = None
+    pr_curves: dict[str, Any] | None = None
+    class_names: list[str] = dataclasses.field(default_factory=list)
+
+
+# =============================================================================================
+# 6. MLflow
+# =============================================================================================
+
+
+def mlflow_metric_name(name: str) -> str:
+    """MLflow accepts letters, digits, `_ - . / space`: `mAP@0.5:0.95` -> `mAP_0.5_0.95`."""
+    return re.sub(r"[^\w\-./ ]", "_", name).strip("_") or "metric"
+
+
+class Tracker:
+    """One MLflow run per job. Best-effort: an unreachable server costs one warning."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, work_dir: Path):
+        self.local = not tracking_uri
+        self.tracking_uri = tracking_uri or f"sqlite:///{work_dir / 'mlflow.db'}"
+        self.artifact_location = (work_dir / "mlruns").as_uri() if self.local else None
+        self.experiment, self.work_dir = experiment, work_dir
+        self.client = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.disabled_reason: str | None = None
+        self._worker = OrderedWorker("mlflow", self._call)
+
+    def _reachable(self) -> bool:
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return True
+        import requests
+
+        try:
+            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=3)
+            return True
+        except requests.RequestException as exc:
+            self._disable(f"{redact_url(self.tracking_uri)} unreachable ({type(exc).__name__})")
+            return False
+
+    def _disable(self, reason: str) -> None:
+        if not self.disabled_reason:
+            self.disabled_reason = reason
+            log.warning("MLflow tracking is off for this run: %s", reason)
+
+    def start(self, run_name: str, tags: Mapping[str, str]) -> str | None:
+        if not self._reachable():
+            return None
+        # Fail fast instead of MLflow's default minutes of retries against a dead server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        # MLflow writes the run's URL, tracking URI password included, straight to stdout.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            found = self.client.get_experiment_by_name(self.experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                self.experiment, artifact_location=self.artifact_location)
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+            self.run_id = run.info.run_id
+        except Exception as exc:
+            self._disable(f"{type(exc).__name__}: {redact_url(str(exc))[:200]}")
+            return None
+        return self.run_id
+
+    def _call(self, item: tuple[str, tuple, dict]) -> None:
+        if self.disabled_reason or self.client is None:
+            return
+        method, args, kwargs = item
+        try:
+            getattr(self.client, method)(self.run_id, *args, **kwargs)
+        except Exception as exc:
+            self._disable(f"{method} failed: {type(exc).__name__}: {redact_url(str(exc))[:200]}")
+
+    def _submit(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.run_id and not self.disabled_reason:
+            self._worker.submit((method, args, kwargs))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
+        for start in range(0, len(items), 100):
+            self._submit("log_batch", params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(mlflow_metric_name(k), float(v), now, step or 0)
+                 for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+        if items:
+            self._submit("log_batch", metrics=items)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._submit("log_artifact", str(path), artifact_path)
+
+    def end(self, status: str, timeout: float) -> None:
+        self._submit("set_terminated", status)
+        if not self._worker.close(timeout):
+            log.warning("MLflow: calls still pending after %.0f s at exit", timeout)
+
+
+# =============================================================================================
+# 7. Job lifecycle
+# =============================================================================================
+
+_NOISY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alembic", "PIL",
+                  "matplotlib", "httpx", "filelock", "git")
+# urllib3 warns on every retried connection; the callback client and the tracker already say it
+# once, in words (a dead MLflow server must cost one warning, not one per request).
+_QUIET_LOGGERS = ("urllib3",)
+
+
+class _RedactSecrets(logging.Filter):
+    """Last line of defence: no configured secret value ever reaches a log line."""
+
+    def __init__(self, secrets: Iterable[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            redacted = message
+            for secret in self.secrets:
+                redacted = redacted.replace(secret, "***")
+            if redacted != message:
+                record.msg, record.args = redacted, ()
+        return True
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """Logs to stderr (results go to stdout), SDK loggers turned down. Entry points only."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "_trainer", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._trainer = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%H:%M:%S"))
+        root.addHandler(handler)
+    handler.filters = [_RedactSecrets(secrets)]
+    root.setLevel(level)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What a job's work function returns: final metrics and the best checkpoint's URI."""
+
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoint_path: str | None = None
+
+
+class Job:
+    """Everything a script needs while it runs: config, work dir, storage, reporting.
+
+    Only the main process (global rank 0) talks to the backend, uploads and logs to MLflow;
+    in other ranks those calls are no-ops, so the training code has no rank checks.
+    """
+
+    def __init__(self, kind: str, cfg: Config, *, framework: str, environ: Mapping[str, str]):
+        self.kind, self.cfg, self.framework = kind, cfg, framework
+        self.rank = int(environ.get("RANK", "0") or 0)
+        self.local_rank = int(environ.get("LOCAL_RANK", "0") or 0)
+        self.world_size = int(environ.get("WORLD_SIZE", "1") or 1)
+        self.is_main = self.rank == 0
+        self.job_id = cfg.job_id or "local"
+        default_work = Path(tempfile.gettempdir()) / "vision-platform" / f"job-{self.job_id}"
+        self.work_dir = Path(cfg.work_dir or default_work).resolve()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = Path(cfg.cache_dir).resolve() if cfg.cache_dir else self.work_dir / "cache"
+        self.storage = Storage.from_config(cfg)
+        self.cancel_requested = threading.Event()
+        journal = self.work_dir / (JOURNAL_NAME if self.is_main
+                                   else f"callbacks-rank{self.rank}.jsonl")
+        self.unfinished_attempt = _unfinished_attempt(journal)  # read before this attempt writes
+        self.callbacks = CallbackClient(
+            cfg.callback_url if self.is_main else None, cfg.internal_auth_token, cfg.job_id,
+            journal, on_cancel=self.cancel_requested.set)
+        self.uploads = Uploader(self.storage, self.work_dir / ".upload-staging")
+        self.tracker: Tracker | None = None
+        self.last_checkpoint: Path | None = None
+        self.last_uploaded_epoch: int | None = None
+        self.best_checkpoint_uri: str | None = None
+        self.progress: float | None = None
+        self._epoch_started = time.monotonic()
+        self._epoch_times: list[float] = []
+
+    # -- storage keys --------------------------------------------------------------------------
+    def checkpoint_key(self, name: str) -> str:
+        return f"checkpoints/job-{self.job_id}/{name}"
+
+    def artifact_key(self, name: str) -> str:
+        return f"artifacts/job-{self.job_id}/{name}"
+
+    # -- inputs --------------------------------------------------------------------------------
+    def stage_dataset(self, dataset_id: str | None = None) -> Path:
+        return stage_dataset(self.storage, dataset_id or self.cfg.dataset_id, self.cache_dir,
+                             self.cfg.disk_budget_mb)
+
+    def fetch_checkpoint(self, path: str | None = None) -> Path:
+        """A checkpoint by storage key / URI, or a local file a person points at."""
+        path = path or self.cfg.checkpoint_path
+        if not path:
+            raise ConfigError("missing required settings: CHECKPOINT_PATH")
+        if not path.startswith(("s3://", "file://")) and Path(path).is_file():
+            return Path(path).resolve()
+        bucket, key = self.storage.split(path)
+        dest = self.work_dir / "inputs" / "checkpoints" / Path(key).name
+        return self.storage.download(path, dest)
+
+    def stage_inputs(self, input_path: str | None = None) -> list[Path]:
+        return stage_inputs(self.storage, input_path or self.cfg.input_path,
+                            self.work_dir / "inputs" / "images")
+
+    # -- outputs -------------------------------------------------------------------------------
+    def upload(self, local_path: str | os.PathLike, key: str, *, background: bool = False) -> str:
+        if not self.is_main:
+            return self.storage.uri(key)
+        if background:
+            return self.uploads.submit(Path(local_path), key)
+        return self.storage.upload(local_path, key)
+
+    def upload_artifacts(self, paths: Iterable[str | os.PathLike], subdir: str = "") -> list[str]:
+        """Upload files to artifacts/job-{id}/{subdir}/ and log them to MLflow."""
+        uris = []
+        for path in paths:
+            path = Path(path)
+            if not path.is_file():
+                continue
+            name = f"{subdir.strip('/')}/{path.name}" if subdir else path.name
+            uris.append(self.upload(path, self.artifact_key(name)))
+            if self.tracker:
+                self.tracker.log_artifact(path, subdir or None)
+        return uris
+
+    # -- reporting -----------------------------------------------------------------------------
+    def notify_status(self, status: str, error: str | None = None, **fields: Any) -> None:
+        tracker = self.tracker
+        body = {"status": status, "error": error, "progress": self.progress,
+                "updated_at": _utc_now(),
+                "mlflow_experiment_id": tracker.experiment_id if tracker else None,
+                "mlflow_run_id": tracker.run_id if tracker else None, **fields}
+        self.callbacks.send("PATCH", "status", body)
+
+    def send_training_metrics(self, epoch: int, metrics: TrainingMetrics,
+                              checkpoint_path: str | None = None) -> None:
+        body = {"epoch": epoch, "step": epoch, **dataclasses.asdict(metrics),
+                "checkpoint_path": checkpoint_path}
+        self.callbacks.send("POST", "training-metrics", body)
+
+    def send_validation_result(self, epoch: int, result: ValidationResult, *,
+                               is_best: bool = False, checkpoint_path: str | None = None) -> None:
+        body = {"epoch": epoch, **dataclasses.asdict(result), "is_best": is_best,
+                "checkpoint_path": checkpoint_path}
+        self.callbacks.send("POST", "validation-results", body)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if self.tracker:
+            self.tracker.log_metrics(metrics, step)
+
+    def start_epoch(self) -> None:
+        self._epoch_started = time.monotonic()
+
+    def end_epoch(self, epoch: int, total_epochs: int, training: TrainingMetrics,
+                  validation: ValidationResult | None = None, *, checkpoint: Path | None = None,
+                  is_best: bool = False, epoch_time_s: float | None = None) -> None:
+        """Everything the platform wants after an epoch, in one call (rank 0 only).
+
+        Uploads `last.pt` (every epoch), `epoch-{N}.pt` (every CHECKPOINT_EVERY epochs) and
+        `best.pt` (when `is_best`) in the background from snapshots, sends training metrics and
+        the validation result, logs MLflow metrics at step = epoch, and honours a cancel request.
+        `checkpoint` must be written atomically (see `atomic_path`).
+        """
+        elapsed = (time.monotonic() - self._epoch_started) if epoch_time_s is None else epoch_time_s
+        self._epoch_times.append(elapsed)
+        mean = sum(self._epoch_times[-5:]) / len(self._epoch_times[-5:])
+        extra = {"epoch_time_s": round(elapsed, 3),
+                 "eta_s": round(mean * (total_epochs - epoch), 1),
+                 "total_epochs": total_epochs, **training.extra_metrics}
+        training = dataclasses.replace(training, extra_metrics=extra)
+        self.progress = round(100.0 * epoch / total_epochs, 2)
+        if not self.is_main:
+            self.start_epoch()
+            return
+        epoch_uri = None
+        if checkpoint is not None:
+            self.last_checkpoint = checkpoint
+            self.upload(checkpoint, self.checkpoint_key("last.pt"), background=True)
+            self.last_uploaded_epoch = epoch
+            if epoch % self.cfg.get("CHECKPOINT_EVERY") == 0 or epoch == total_epochs:
+                epoch_uri = self.upload(checkpoint, self.checkpoint_key(f"epoch-{epoch}.pt"),
+                                        background=True)
+            if is_best:
+                self.best_checkpoint_uri = self.upload(
+                    checkpoint, self.checkpoint_key("best.pt"), background=True)
+        self.send_training_metrics(epoch, training, epoch_uri)
+        flat = {f"train/{k}": v for k, v in dataclasses.asdict(training).items()
+                if k != "extra_metrics"}
+        flat.update({f"train/{k}": v for k, v in extra.items() if k != "total_epochs"})
+        if validation is not None:
+            best_uri = self.best_checkpoint_uri if is_best else None
+            self.send_validation_result(epoch, validation, is_best=is_best,
+                                        checkpoint_path=best_uri)
+            flat.update({f"val/{k}": v for k, v in validation.metrics.items()})
+            if validation.overall_loss is not None:
+                flat["val/loss"] = validation.overall_loss
+        self.log_metrics(flat, step=epoch)
+        if self.cancel_requested.is_set():
+            raise JobCancelled(f"cancelled by the platform after epoch {epoch}")
+        self.start_epoch()
+
+    # -- start and end -------------------------------------------------------------------------
+    def start(self, run_name: str | None = None) -> None:
+        if self.kind == "train":
+            self._continue_earlier_attempt()
+        if self.is_main and self.kind in ("train", "evaluate"):
+            self.tracker = Tracker(self.cfg.mlflow_tracking_uri, self.cfg.mlflow_experiment_name,
+                                   self.work_dir)
+            prefix = "job" if self.kind == "train" else "eval"
+            tags = {"job_id": self.job_id, "dataset_id": str(self.cfg.get("DATASET_ID") or ""),
+                    "framework": self.framework, "model_name": str(
+                        getattr(self.cfg, "model_name", "") or ""), "job_kind": self.kind}
+            if self.tracker.start(run_name or f"{prefix}-{self.job_id}", tags):
+                self.tracker.log_params({k: v for k, v in self.cfg.redacted().items()
+                                         if not self.cfg._settings[k].secret})
+            else:
+                self.tracker = None
+        self.notify_status("running")
+
+    def _continue_earlier_attempt(self) -> None:
+        """A restarted job carries on where its earlier attempt stopped.
+
+        On the same work dir after an attempt that did not complete (SIGKILL, OOM, a lost node:
+        the container restarts with the same env), training resumes from the job's own uploaded
+        last.pt, whatever CHECKPOINT_PATH says. On a new work dir with CHECKPOINT_PATH at the
+        job's own last.pt, the earlier attempt's uploaded callbacks.jsonl is fetched first, so
+        `seq` (and the Idempotency-Key) continue instead of repeating keys the backend has seen.
+        """
+        own = self.checkpoint_key("last.pt")
+        if self.unfinished_attempt:
+            try:
+                self.storage.head(own)
+            except StorageError:
+                return  # nothing uploaded yet (or storage is down: staging the dataset says so)
+            log.info("resuming from %s: an earlier attempt of this job did not finish",
+                     self.storage.uri(own))
+            self.cfg = dataclasses.replace(self.cfg, checkpoint_path=own)
+            return
+        path = self.cfg.checkpoint_path
+        journal = self.callbacks.journal
+        if not path or journal.exists() or not self.is_main or self.storage.split(path) != (
+                self.storage.bucket, own):
+            return
+        try:
+            self.storage.download(self.artifact_key(JOURNAL_NAME), journal)
+        except StorageError as exc:
+            log.info("no journal of the earlier attempt (%s); seq starts at 1", exc)
+            return
+        self.callbacks.continue_journal()
+
+    def _upload_last_on_cancel(self, deadline: float) -> None:
+        if not self.is_main or self.last_checkpoint is None or not self.last_checkpoint.exists():
+            return
+        try:
+            self.uploads.flush(max(deadline - time.monotonic(), 0))
+        except StorageError as exc:
+            log.warning("could not upload last.pt while cancelling: %s", exc)
+
+    def _upload_journal(self, deadline: float) -> None:
+        """callbacks.jsonl goes with the artifacts, so nothing is lost if the backend never heard.
+
+        Best-effort and bounded: a dead storage endpoint must not hold the exit past `deadline`.
+        """
+        journal = self.callbacks.journal
+        if not self.is_main or not journal.is_file():
+            return
+
+        def upload() -> None:
+            try:
+                self.storage.upload(journal, self.artifact_key(JOURNAL_NAME))
+            except StorageError as exc:
+                log.warning("could not upload %s: %s", JOURNAL_NAME, exc)
+
+        thread = threading.Thread(target=upload, name="journal-upload", daemon=True)
+        thread.start()
+        thread.join(max(min(deadline - time.monotonic(), 10.0), 0.1))
+
+    def finish(self, outcome: str, result: JobResult | None, error: str | None,
+               deadline: float) -> None:
+        """Report the terminal status; bounded by `deadline` (a monotonic time)."""
+        if outcome == "cancelled":
+            self._upload_last_on_cancel(deadline - 3)
+        fields: dict[str, Any] = {}
+        if result is not None:
+            fields = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path}
+            self.progress = 100.0
+        if self.tracker:
+            mlflow_status = {"completed": "FINISHED", "cancelled": "KILLED"}.get(outcome, "FAILED")
+            self.tracker.end(mlflow_status, max(min(deadline - time.monotonic(), 10.0), 0.1))
+        self.notify_status(outcome, error, **fields)
+        self._upload_journal(deadline)
+        self.callbacks.close(max(deadline - time.monotonic(), 0.1))
+        self.uploads.close(0.1)
+
+
+def _unfinished_attempt(journal: Path) -> bool:
+    """Whether this work dir holds the journal of an attempt that did not complete."""
+    statuses = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                event = json.loads(line)
+                if event["route"] == "status":
+                    statuses.append(event["body"]["status"])
+    return bool(statuses) and statuses[-1] != "completed"
+
+
+_active_job: Job | None = None
+
+
+def _job() -> Job:
+    if _active_job is None:
+        raise RuntimeError("no job is running: call this from the work function given to run_job")
+    return _active_job
+
+
+def _record_failure(work_dir: Path | None, line: str, termination_log: str | None) -> None:
+    if work_dir is not None:
+        with contextlib.suppress(OSError):
+            work_dir.mkdir(parents=True, exist_ok=True)
+            (work_dir / "failure").write_text(line + "\n", encoding="utf-8")
+    if termination_log and os.path.isfile(termination_log) and os.access(termination_log, os.W_OK):
+        with contextlib.suppress(OSError), open(termination_log, "w", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def _report_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
+    """Settings did not parse: still tell the backend, with whatever raw values are usable."""
+    job_id = environ.get("JOB_ID") or "local"
+    work_dir = environ.get("WORK_DIR") or str(
+        Path(tempfile.gettempdir()) / "vision-platform" / f"job-{job_id}")
+    line = one_line(str(exc))
+    _record_failure(Path(work_dir), line, environ.get("TERMINATION_LOG", "/dev/termination-log"))
+    client = CallbackClient(environ.get("CALLBACK_URL"), environ.get("INTERNAL_AUTH_TOKEN"),
+                            job_id, Path(work_dir) / JOURNAL_NAME, timeout=(3.05, 5.0))
+    client.send("PATCH", "status", {"status": "failed", "error": line, "progress": None,
+                                    "updated_at": _utc_now(), "mlflow_experiment_id": None,
+                                    "mlflow_run_id": None})
+    client.close(10.0)
+
+
+def print_capabilities(work: Callable[..., Any], framework: str) -> int:
+    """`--capabilities`: the manifest of the trainer whose script defines `work`, on stdout."""
+    trainer_dir = Path(sys.modules[work.__module__].__file__).resolve().parent
+    try:
+        manifest = describe_trainer(trainer_dir, framework)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(manifest, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobResult | None], *,
+            framework: str, argv: Sequence[str] | None = None, description: str | None = None,
+            prog: str | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one job: parse settings -> `running` -> work(job) -> `completed`, or fail cleanly.
+
+    Returns the exit code (see EXIT_CODES); `main` does `sys.exit(run_job(...))`. With
+    `--capabilities` it prints the trainer's manifest instead, reading no setting.
+    """
+    global _active_job
+    if "--capabilities" in (sys.argv[1:] if argv is None else argv):
+        return print_capabilities(work, framework)
+    environ = os.environ if environ is None else environ
+    settings = merge_settings(PLATFORM_SETTINGS, settings)
+    configure_logging(environ.get("LOG_LEVEL", "INFO").upper()
+                      if environ.get("LOG_LEVEL", "INFO").upper() in logging._nameToLevel
+                      else "INFO")
+    try:
+        cfg = parse_settings(settings, argv, environ, prog=prog, description=description)
+    except ConfigError as exc:
+        log.error("%s", one_line(str(exc)))
+        _report_config_error(exc, environ)
+        return exc.exit_code
+    configure_logging(cfg.log_level, cfg.secret_values())
+    try:
+        job = Job(kind, cfg, framework=framework, environ=environ)
+    except OSError as exc:  # e.g. a WORK_DIR that cannot be created
+        error = ConfigError(f"cannot set up the job: {exc.strerror or exc}: "
+                            f"{exc.filename or cfg.work_dir}")
+        log.error("%s", error)
+        _report_config_error(error, environ)
+        return error.exit_code
+    _active_job = job
+    log.info("%s job %s (%s), work dir %s", kind, job.job_id, framework, job.work_dir)
+    log.debug("settings: %s", cfg.redacted())
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if job.cancel_requested.is_set() and getattr(job, "_terminating", False):
+            return
+        job._terminating = True  # type: ignore[attr-defined]
+        job.cancel_requested.set()
+        # Past the grace period the process goes, whatever it is doing.
+        timer = threading.Timer(cfg.shutdown_grace_s, lambda: os._exit(EXIT_SIGTERM))
+        timer.daemon = True
+        timer.start()
+        raise JobCancelled("received SIGTERM", exit_code=EXIT_SIGTERM)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    started = time.monotonic()
+    outcome, result, error, code = "failed", None, None, EXIT_UNEXPECTED
+    try:
+        job.start()
+        result = work(job) or JobResult()
+        if job.is_main:
+            job.uploads.flush(timeout=3600)
+        outcome, code = "completed", EXIT_OK
+    except JobCancelled as exc:
+        outcome, error, code = "cancelled", one_line(str(exc)), exc.exit_code
+        log.warning("%s", error)
+    except TrainerError as exc:
+        error, code = one_line(str(exc)), exc.exit_code
+        log.error("%s", error)
+    except KeyboardInterrupt:
+        outcome, error, code = "cancelled", "interrupted", EXIT_SIGTERM
+    except Exception as exc:  # a bug: keep the traceback, report one line
+        error = one_line(f"unexpected error: {type(exc).__name__}: {exc}")
+        log.exception("unexpected error")
+    finally:
+        grace = cfg.shutdown_grace_s if outcome == "cancelled" else cfg.callback_flush_s
+        deadline = time.monotonic() + max(grace - 2, 1)
+        try:
+            job.finish(outcome, result if outcome == "completed" else None, error, deadline)
+        except JobCancelled:  # a second SIGTERM while finishing: the timer will end us
+            pass
+        if error and outcome == "failed":
+            _record_failure(job.work_dir, error, cfg.termination_log)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        _active_job = None
+        log.info("%s job %s %s in %.1f s (exit %d)", kind, job.job_id, outcome,
+                 time.monotonic() - started, code)
+    return code
+
+
+def exit_process(code: int) -> None:
+    """End the process now with `code`: the scripts' last line, `utils.exit_process(main())`.
+
+    When `run_job` returns, everything is reported and uploaded. What is left is the
+    interpreter's teardown of torch, MLflow and their threads, which takes seconds (13 s seen on
+    a busy 2-core runner) that nobody waits for, that SHUTDOWN_GRACE_S cannot spare after a
+    SIGTERM (the grace timer cannot fire during teardown), and that would unbound the exit
+    after a hung backend. So: flush the logs and streams, then leave without the teardown.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+# =============================================================================================
+# 8. The seed's names, bound to the running job
+# =============================================================================================
+
+
+def download_dataset(dataset_id: str | None = None) -> Path:
+    """Stage `datasets/{dataset_id}.zip` (cached by ETag) and return the dataset's root folder."""
+    return _job().stage_dataset(dataset_id)
+
+
+def download_checkpoint(checkpoint_path: str | None = None) -> Path:
+    """Download a checkpoint (storage key, s3:// URI or local file) and return its local path."""
+    return _job().fetch_checkpoint(checkpoint_path)
+
+
+def upload_checkpoint(local_path: str | os.PathLike, remote_path: str) -> str:
+    """Upload a checkpoint to a storage key; return its `s3://bucket/key` URI."""
+    return _job().upload(local_path, remote_path)
+
+
+def upload_artifact(local_path: str | os.PathLike, remote_path: str) -> str:
+    """Upload an artifact to a storage key; return its URI."""
+    return _job().upload(local_path, remote_path)
+
+
+def notify_status(status: str, error: str | None = None, **fields: Any) -> None:
+    _job().notify_status(status, error, **fields)
+
+
+def send_training_metrics(epoch: int, loss: float | None = None, accuracy: float | None = None,
+                          learning_rate: float | None = None, checkpoint_path: str | None = None,
+                          extra_metrics: dict[str, Any] | None = None) -> None:
+    _job().send_training_metrics(
+        epoch, TrainingMetrics(loss, accuracy, learning_rate, extra_metrics or {}), checkpoint_path)
+
+
+def send_validation_result(epoch: int, result: ValidationResult, *, is_best: bool = False,
+                           checkpoint_path: str | None = None) -> None:
+    _job().send_validation_result(epoch, result, is_best=is_best, checkpoint_path=checkpoint_path)
+
+
+def start_experiment(experiment_name: str | None = None, run_name: str | None = None,
+                     tags: Mapping[str, str] | None = None) -> str | None:
+    """Start (or return) the job's MLflow run; `run_job` already did for train/evaluate."""
+    job = _job()
+    if job.tracker is None and job.is_main:
+        tracker = Tracker(job.cfg.mlflow_tracking_uri,
+                          experiment_name or job.cfg.mlflow_experiment_name, job.work_dir)
+        if tracker.start(run_name or f"job-{job.job_id}", dict(tags or {})):
+            job.tracker = tracker
+    return job.tracker.run_id if job.tracker else None
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    _job().log_metrics(metrics, step)
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    job = _job()
+    if job.tracker:
+        secret = {n for n, s in job.cfg._settings.items() if s.secret}
+        job.tracker.log_params({k: v for k, v in params.items() if k not in secret})
+
+
+def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    job = _job()
+    if job.tracker:
+        job.tracker.log_artifact(path, artifact_path)
