@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO.parent / "shared" / "schemas" / "pixi-manifest.schema.json"
+SCHEMA = REPO / "schemas" / "pixi-manifest.schema.json"  # vendored: see schemas/README.md
 ENV_NAME = re.compile(r"^[a-z0-9-]+$")
 TRAINERS = sorted(p.parent for p in REPO.glob("trainers/*/.copier-answers.yml"))
 MANIFESTS = [REPO / "pixi.toml"] + [t / "pixi.toml" for t in TRAINERS]
