@@ -259,6 +259,21 @@ def test_upload_returns_s3_uri_and_stores_bytes(utils_module, s3, tmp_path):
     assert fetched.read_bytes() == local.read_bytes()
 
 
+def test_one_upload_then_server_side_copies(utils_module, s3, tmp_path):
+    # epoch-N, last and best hold the same checkpoint: its bytes cross the network once.
+    checkpoint = tmp_path / "ckpt.pt"
+    checkpoint.write_bytes(os.urandom(40 * 2**20))  # past the 32 MiB multipart threshold
+    uploader = utils_module.Uploader(s3_storage(utils_module, s3), tmp_path / "staging")
+    keys = [f"checkpoints/job-1/{name}.pt" for name in ("epoch-3", "last", "best")]
+    uri = uploader.submit(checkpoint, keys[0], copies=keys[1:])
+    uploader.flush(timeout=120)
+    assert uri == f"s3://{s3.bucket}/{keys[0]}"
+    for key in keys:
+        assert s3.get_bytes(key) == checkpoint.read_bytes(), key
+    copied = sorted({path.rsplit("/", 1)[-1] for path in s3.copies})
+    assert copied == ["best.pt", "last.pt"]  # written by copies, not by uploads of the file
+
+
 def test_local_backend_round_trip(utils_module, tmp_path):
     bucket_root = tmp_path / "bucket"
     (bucket_root / "datasets").mkdir(parents=True)
@@ -275,6 +290,8 @@ def test_local_backend_round_trip(utils_module, tmp_path):
     assert uri == (bucket_root / "checkpoints/job-1/last.pt").as_uri()
     assert storage.list("checkpoints/") == ["checkpoints/job-1/last.pt"]
     assert storage.download(uri, tmp_path / "back.pt").read_bytes() == b"weights"
+    copy = storage.copy("checkpoints/job-1/last.pt", "checkpoints/job-1/best.pt")
+    assert Path(copy.removeprefix("file://")).read_bytes() == b"weights"
     with pytest.raises(utils_module.StorageError, match="not found"):
         storage.head("checkpoints/job-1/missing.pt")
 

@@ -3,6 +3,7 @@ every failure and records the scenario's rows in the report."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 from collections.abc import Iterator
@@ -184,13 +185,17 @@ def check_mlflow_run(sc: Scenario, result: RunResult, status: str) -> None:
 
 
 def last_uploaded_epoch(sc: Scenario, job_id: str) -> int | None:
-    """The epoch whose `epoch-N.pt` is byte-identical to the bucket's `last.pt`."""
+    """The epoch whose `epoch-N.pt` is byte-identical to the bucket's `last.pt`.
+
+    Bytes, not ETags: a server-side copy need not carry its source's ETag (S3 gives a copy made
+    by CopyObject a single-part ETag whatever the source's), and trainers copy last.pt."""
     prefix = f"checkpoints/job-{job_id}/"
-    last = sc.subject.etag(prefix + "last.pt")
-    if last is None:
+    if prefix + "last.pt" not in sc.subject.keys(prefix):
         return None
+    last = hashlib.sha256(sc.subject.get(prefix + "last.pt")).digest()
     for key in sc.subject.keys(prefix):
         name = key[len(prefix):]
-        if name.startswith("epoch-") and name.endswith(".pt") and sc.subject.etag(key) == last:
+        if (name.startswith("epoch-") and name.endswith(".pt")
+                and hashlib.sha256(sc.subject.get(key)).digest() == last):
             return int(name[len("epoch-"):-len(".pt")])
     return None

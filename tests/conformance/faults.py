@@ -391,8 +391,9 @@ def sigkill_then_restart(subject: Subject) -> RunResult:
         env = subject.env(subject.run_dir(name), job, backend, MINIO_ENDPOINT=s3.endpoint)
         run = Run(subject, name, env, backend=backend)
         run.wait_for_epoch(1)
-        first = f"checkpoints/job-{job}/epoch-1.pt"
-        run.wait_for(f"{first} in the bucket", lambda _: subject.etag(first) is not None, 120)
+        last = f"checkpoints/job-{job}/last.pt"
+        # last.pt goes up after epoch-N.pt (a server-side copy): once it is there, so is epoch 1.
+        run.wait_for(f"{last} in the bucket", lambda _: subject.etag(last) is not None, 120)
         run.kill()
         killed = run.finish()
         sc.record(killed)

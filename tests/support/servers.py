@@ -66,7 +66,8 @@ class _RecordingMotoServer:
         from moto.server import ThreadedMotoServer
 
         self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
-        requests_log = self.requests
+        self.copies: list[str] = []  # paths written by a server-side copy (x-amz-copy-source)
+        requests_log, copies_log = self.requests, self.copies
 
         class Server(ThreadedMotoServer):
             def _server_entry(self) -> None:
@@ -78,6 +79,8 @@ class _RecordingMotoServer:
 
                 def app(environ, start_response):
                     requests_log.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+                    if "HTTP_X_AMZ_COPY_SOURCE" in environ:
+                        copies_log.append(environ["PATH_INFO"])
                     return moto_app(environ, start_response)
 
                 self._server = make_server(self._ip_address, self._port, app, True,
@@ -126,10 +129,16 @@ class S3Server:
         """(method, path) of every request the server answered, since the test began."""
         return self._moto.requests
 
+    @property
+    def copies(self) -> list[str]:
+        """Paths written by server-side copies (no body sent), since the test began."""
+        return self._moto.copies
+
     def new_bucket(self, name: str) -> str:
         self.client.create_bucket(Bucket=name)
         self.bucket = name
         self._moto.requests.clear()
+        self._moto.copies.clear()
         return name
 
     def env(self) -> dict[str, str]:

@@ -1057,6 +1057,25 @@ class Storage:
             raise self._error(exc, bucket, key, "uploading") from exc
         return f"s3://{bucket}/{key}"
 
+    def copy(self, source: str, path: str) -> str:
+        """Copy an object within the storage; the bytes never pass through this machine."""
+        src_bucket, src_key = self.split(source)
+        bucket, key = self.split(path)
+        if self.kind == "local":
+            target = self.local_root / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            shutil.copyfile(self.local_root / src_key, partial)
+            os.replace(partial, target)
+            return target.as_uri()
+        try:
+            # The managed copy: one CopyObject, or UploadPartCopy parts past 5 GB.
+            self.client.copy({"Bucket": src_bucket, "Key": src_key}, bucket, key,
+                             Config=self._transfer_config())
+        except Exception as exc:
+            raise self._error(exc, bucket, key, "copying to") from exc
+        return f"s3://{bucket}/{key}"
+
     def list(self, prefix: str) -> list[str]:
         bucket, prefix = self.split(prefix)
         if self.kind == "local":
@@ -1576,8 +1595,12 @@ class Uploader:
         self._worker = OrderedWorker("uploads", self._upload)
         self._count = 0
 
-    def submit(self, local_path: Path, key: str) -> str:
-        """Snapshot `local_path` (a hard link, else a copy) and upload it in the background."""
+    def submit(self, local_path: Path, key: str, copies: Sequence[str] = ()) -> str:
+        """Snapshot `local_path` (a hard link, else a copy) and upload it in the background.
+
+        `copies`: more keys for the same bytes, made by server-side copies once the upload is
+        done, so a checkpoint that is `epoch-N`, `last` and `best` crosses the network once.
+        """
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self._count += 1
         snapshot = self.staging_dir / f"{self._count:06d}-{Path(key).name}"
@@ -1586,25 +1609,28 @@ class Uploader:
             os.link(local_path, snapshot)
         except OSError:
             shutil.copyfile(local_path, snapshot)
-        self._worker.submit((snapshot, key))
+        self._worker.submit((snapshot, key, tuple(copies)))
         return self.storage.uri(key)
 
-    def _upload(self, item: tuple[Path, str]) -> None:
-        snapshot, key = item
+    def _upload(self, item: tuple[Path, str, tuple[str, ...]]) -> None:
+        snapshot, key, copies = item
         started = time.monotonic()
         delays = backoff_delays(1.0, 15.0)
+        pending = [(self.storage.upload, snapshot, key)]
+        pending += [(self.storage.copy, key, other) for other in copies]
         try:
-            while True:
+            while pending:
+                send, source, target = pending[0]
                 try:
-                    self.storage.upload(snapshot, key)
-                    return
+                    send(source, target)
+                    pending.pop(0)
                 except StorageError as exc:
                     retrying = time.monotonic() - started < self.retry_for_s
                     if not retrying or self._worker.time_left() < 0:
-                        log.error("upload of %s failed: %s", key, exc)
+                        log.error("upload of %s failed: %s", target, exc)
                         self.errors.append(exc)
                         return
-                    log.warning("upload of %s failed, retrying: %s", key, exc)
+                    log.warning("upload of %s failed, retrying: %s", target, exc)
                     time.sleep(min(next(delays), max(self._worker.time_left(), 0)))
         finally:
             snapshot.unlink(missing_ok=True)
@@ -2067,12 +2093,17 @@ class Job:
                             self.work_dir / "inputs" / "images")
 
     # -- outputs -------------------------------------------------------------------------------
-    def upload(self, local_path: str | os.PathLike, key: str, *, background: bool = False) -> str:
+    def upload(self, local_path: str | os.PathLike, key: str, *, background: bool = False,
+               copies: Sequence[str] = ()) -> str:
+        """Upload to `key` (and server-side copies to `copies`); in the background or now."""
         if not self.is_main:
             return self.storage.uri(key)
         if background:
-            return self.uploads.submit(Path(local_path), key)
-        return self.storage.upload(local_path, key)
+            return self.uploads.submit(Path(local_path), key, copies)
+        uri = self.storage.upload(local_path, key)
+        for other in copies:
+            self.storage.copy(key, other)
+        return uri
 
     def upload_artifacts(self, paths: Iterable[str | os.PathLike], subdir: str = "") -> list[str]:
         """Upload files to artifacts/job-{id}/{subdir}/ and log them to MLflow."""
@@ -2139,14 +2170,18 @@ class Job:
         epoch_uri = None
         if checkpoint is not None:
             self.last_checkpoint = checkpoint
-            self.upload(checkpoint, self.checkpoint_key("last.pt"), background=True)
-            self.last_uploaded_epoch = epoch
+            # last.pt after epoch-N.pt: whenever last.pt changes, the epoch it holds is
+            # already in the bucket under its own name, whatever instant the job is killed.
+            keys = [self.checkpoint_key("last.pt")]
             if epoch % self.cfg.get("CHECKPOINT_EVERY") == 0 or epoch == total_epochs:
-                epoch_uri = self.upload(checkpoint, self.checkpoint_key(f"epoch-{epoch}.pt"),
-                                        background=True)
+                keys.insert(0, self.checkpoint_key(f"epoch-{epoch}.pt"))
+                epoch_uri = self.storage.uri(keys[0])
             if is_best:
-                self.best_checkpoint_uri = self.upload(
-                    checkpoint, self.checkpoint_key("best.pt"), background=True)
+                keys.append(self.checkpoint_key("best.pt"))
+                self.best_checkpoint_uri = self.storage.uri(keys[-1])
+            # One upload; the other keys are server-side copies of it (same bytes, no traffic).
+            self.upload(checkpoint, keys[0], background=True, copies=keys[1:])
+            self.last_uploaded_epoch = epoch
         self.send_training_metrics(epoch, training, epoch_uri)
         flat = {f"train/{k}": v for k, v in dataclasses.asdict(training).items()
                 if k != "extra_metrics"}
