@@ -2106,14 +2106,18 @@ class Job:
         return uri
 
     def upload_artifacts(self, paths: Iterable[str | os.PathLike], subdir: str = "") -> list[str]:
-        """Upload files to artifacts/job-{id}/{subdir}/ and log them to MLflow."""
+        """Upload files to artifacts/job-{id}/{subdir}/ and log them to MLflow.
+
+        In the background, like checkpoints, so a storage outage at the end of a job is retried
+        rather than fatal; the job is not `completed` until they are all in the bucket.
+        """
         uris = []
         for path in paths:
             path = Path(path)
             if not path.is_file():
                 continue
             name = f"{subdir.strip('/')}/{path.name}" if subdir else path.name
-            uris.append(self.upload(path, self.artifact_key(name)))
+            uris.append(self.upload(path, self.artifact_key(name), background=True))
             if self.tracker:
                 self.tracker.log_artifact(path, subdir or None)
         return uris
