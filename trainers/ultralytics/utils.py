@@ -1045,29 +1045,28 @@ class Storage:
         bucket, key = self.split(path)
         local_path = Path(local_path)
         if self.kind == "local":
-            target = self.local_root / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            shutil.copyfile(local_path, partial)
-            os.replace(partial, target)
-            return target.as_uri()
+            return self._local_put(local_path, key)
         try:
             self.client.upload_file(str(local_path), bucket, key, Config=self._transfer_config())
         except Exception as exc:
             raise self._error(exc, bucket, key, "uploading") from exc
         return f"s3://{bucket}/{key}"
 
+    def _local_put(self, source: Path, key: str) -> str:
+        """Copy a file into the local bucket; readers never see a half-written object."""
+        target = self.local_root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+        return target.as_uri()
+
     def copy(self, source: str, path: str) -> str:
         """Copy an object within the storage; the bytes never pass through this machine."""
         src_bucket, src_key = self.split(source)
         bucket, key = self.split(path)
         if self.kind == "local":
-            target = self.local_root / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            shutil.copyfile(self.local_root / src_key, partial)
-            os.replace(partial, target)
-            return target.as_uri()
+            return self._local_put(self.local_root / src_key, key)
         try:
             # The managed copy: one CopyObject, or UploadPartCopy parts past 5 GB.
             self.client.copy({"Bucket": src_bucket, "Key": src_key}, bucket, key,
