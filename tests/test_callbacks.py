@@ -147,6 +147,23 @@ def test_down_backend_gets_everything_in_order_once_it_is_back(utils_module, bac
     assert [c.body["seq"] for c in backend.calls] == list(range(1, 11))
 
 
+def test_exit_drain_is_not_spent_in_a_backoff_grown_during_an_outage(utils_module, backend,
+                                                                      tmp_path, monkeypatch):
+    # The backoff after a long outage: every wait 20 s, longer than the exit's flush budget.
+    monkeypatch.setattr(utils_module, "backoff_delays", lambda base, cap: iter(lambda: 20.0, None))
+    backend.set_down(True)
+    client = make_client(utils_module, backend, tmp_path, max_backoff=30.0)
+    send_metrics(client, range(1, 4))
+    time.sleep(0.3)  # the first attempt failed; the worker is in its 20 s wait
+    backend.set_down(False)
+    backend.fail_every(3, 503)  # back, but shedding load: a retry is needed while draining
+    started = time.monotonic()
+    assert client.close(timeout=5)
+    assert time.monotonic() - started < 4
+    assert [c.body["seq"] for c in backend.calls] == [1, 2, 3]
+    assert backend.rejected
+
+
 def test_retry_after_is_honoured(utils_module, backend, tmp_path):
     backend.set_status(429, retry_after=1.5)
     client = make_client(utils_module, backend, tmp_path, max_backoff=5.0)

@@ -1650,6 +1650,7 @@ class Uploader:
 # =============================================================================================
 
 _RETRY_STATUS = {408, 429}
+_DRAIN_RETRY_S = 1.0  # the longest wait between attempts once the job is exiting
 JOURNAL_NAME = "callbacks.jsonl"
 
 
@@ -1780,14 +1781,22 @@ class CallbackClient:
                 wait = _retry_after(response.headers.get("Retry-After"))
                 self._warn_once(status, "backend answered HTTP %s; retrying in the background",
                                 status)
-            delay = min(wait if wait is not None else next(delays), self.max_backoff)
-            if self._worker.closing.is_set():
-                left = self._worker.time_left()
-                if left <= 0:
-                    self.abandoned += 1
-                    return
-                delay = min(delay, left)
-            time.sleep(delay)
+            if wait is not None:  # the backend's Retry-After, honoured even at exit
+                self._sleep_until_due(min(wait, self.max_backoff))
+            elif not self._worker.closing.is_set():
+                # The exit's drain wakes this sleep: a backoff grown during an outage must not
+                # spend the flush budget after the backend is back.
+                self._worker.closing.wait(next(delays))
+            else:
+                # Draining at exit the deadline bounds the retries, not the backoff: retry often
+                # enough that a backend that is back gets the rest of the queue in the budget.
+                self._sleep_until_due(min(next(delays), _DRAIN_RETRY_S))
+            if self._worker.time_left() <= 0:
+                self.abandoned += 1
+                return
+
+    def _sleep_until_due(self, delay: float) -> None:
+        time.sleep(max(min(delay, self._worker.time_left()), 0.0))
 
     def _check_cancel(self, response: Any) -> None:
         with contextlib.suppress(ValueError):
