@@ -296,6 +296,26 @@ def test_local_backend_round_trip(utils_module, tmp_path):
         storage.head("checkpoints/job-1/missing.pt")
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links-copy"])
+def test_link_or_copy_keeps_the_bytes_when_the_source_is_replaced(utils_module, tmp_path,
+                                                                 monkeypatch, links):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    with utils_module.atomic_path(last) as tmp:
+        tmp.write_bytes(b"epoch 1")
+    best.write_bytes(b"older best")
+    if not links:
+        def refuse(*args, **kwargs):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(utils_module.os, "link", refuse)
+    assert utils_module.link_or_copy(last, best) == best
+    assert best.read_bytes() == b"epoch 1"
+    assert (best.stat().st_ino == last.stat().st_ino) is links
+    with utils_module.atomic_path(last) as tmp:  # the next epoch replaces last.pt
+        tmp.write_bytes(b"epoch 2")
+    assert best.read_bytes() == b"epoch 1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
 def test_stage_inputs_from_a_prefix(utils_module, s3, tmp_path):
     s3.put_bytes("inputs/batch/one.jpg", b"1")
     s3.put_bytes("inputs/batch/sub/two.PNG", b"2")

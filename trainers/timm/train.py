@@ -12,7 +12,6 @@ Several GPUs or nodes: `torchrun --nproc_per_node=N train.py` (DDP; NCCL on GPUs
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,8 +142,7 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
             save_run(last_path, run, job.cfg, epoch=epoch, best_value=best_value,
                      metrics=result.metrics)
             if is_best:
-                with utils.atomic_path(best_path) as tmp:
-                    shutil.copyfile(last_path, tmp)
+                utils.link_or_copy(last_path, best_path)  # no second write of the bytes
             checkpoint = last_path
             log_epoch(epoch, cfg.epochs, training, result)
         stop = None

@@ -1480,6 +1480,23 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def link_or_copy(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Make `dest` hold `source`'s bytes, atomically: a hard link where the filesystem allows
+    (no bytes written), else a copy.
+
+    Only for a `source` that is replaced (`atomic_path`), never rewritten in place: a link
+    shares the file, so an in-place rewrite would change `dest` too.
+    """
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(source, tmp)
+    return dest
+
+
 def write_export_archive(dest: Path, files: Mapping[str, Path],
                          metadata: Mapping[str, Any]) -> Path:
     """Zip exported model files (or folders) and metadata.json into `dest`, atomically.
@@ -1603,11 +1620,8 @@ class Uploader:
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self._count += 1
         snapshot = self.staging_dir / f"{self._count:06d}-{Path(key).name}"
-        try:
-            # Free, and safe: checkpoints are replaced (atomic_path), never rewritten in place.
-            os.link(local_path, snapshot)
-        except OSError:
-            shutil.copyfile(local_path, snapshot)
+        # Free, and safe: checkpoints are replaced (atomic_path), never rewritten in place.
+        link_or_copy(local_path, snapshot)
         self._worker.submit((snapshot, key, tuple(copies)))
         return self.storage.uri(key)
 
