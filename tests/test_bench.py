@@ -43,6 +43,16 @@ def test_markdown_block_is_replaced_between_its_markers() -> None:
     assert bench.fill_markdown(filled, "| new table |\n") == filled  # twice changes nothing
 
 
+def test_markdown_block_names_the_command_that_reproduces_it() -> None:
+    bench = load_bench()
+    small = bench.SIZES["small"]
+    default = bench.markdown_block([], small, small.repeat, "today", "here")
+    assert f"`python tools/bench.py --size small` ({small.repeat} interleaved" in default
+    more = bench.markdown_block([], small, small.repeat + 2, "today", "here")
+    assert (f"`python tools/bench.py --size small --repeat {small.repeat + 2}` "
+            f"({small.repeat + 2} interleaved") in more
+
+
 def test_markdown_without_markers_is_an_error() -> None:
     bench = load_bench()
     with pytest.raises(bench.BenchError, match="generated:bench"):

@@ -122,7 +122,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def markdown_block(rows: list[Row], size: Size, repeat: int, when: str, where: str) -> str:
-    lines = [f"Measured {when} on {where}, with `python tools/bench.py --size {size.name}` "
+    command = f"python tools/bench.py --size {size.name}"
+    if repeat != SIZES[size.name].repeat:  # the command shown must reproduce the table
+        command += f" --repeat {repeat}"
+    lines = [f"Measured {when} on {where}, with `{command}` "
              f"({repeat} interleaved repetition{'s' if repeat != 1 else ''} per pair, median).",
              "", "| figure | ours | baseline | ratio | goal | result |",
              "|---|---|---|---|---|---|"]
