@@ -1053,7 +1053,10 @@ class Storage:
         return f"s3://{bucket}/{key}"
 
     def _local_put(self, source: Path, key: str) -> str:
-        """Copy a file into the local bucket; readers never see a half-written object."""
+        """Copy a file into the local bucket; readers never see a half-written object.
+
+        A copy, not a link: the caller's file may be rewritten in place after the upload.
+        """
         target = self.local_root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
@@ -1066,7 +1069,8 @@ class Storage:
         src_bucket, src_key = self.split(source)
         bucket, key = self.split(path)
         if self.kind == "local":
-            return self._local_put(self.local_root / src_key, key)
+            # Objects here are only ever replaced (`_local_put`), so a hard link is a safe copy.
+            return link_or_copy(self.local_root / src_key, self.local_root / key).as_uri()
         try:
             # The managed copy: one CopyObject, or UploadPartCopy parts past 5 GB.
             self.client.copy({"Bucket": src_bucket, "Key": src_key}, bucket, key,
