@@ -175,10 +175,10 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
     if best.is_file():
         job.best_checkpoint_uri = job.upload(best, job.checkpoint_key("best.pt"), background=True)
     if last.is_file():
-        job.upload(last, job.checkpoint_key("last.pt"), background=True)
-        if reporter.epochs_reported:
-            final_epoch = reporter.epochs_reported[-1]
-            job.upload(last, job.checkpoint_key(f"epoch-{final_epoch}.pt"), background=True)
+        keys = [job.checkpoint_key("last.pt")]
+        if reporter.epochs_reported:  # epoch-N first, last.pt a server-side copy (as end_epoch)
+            keys.insert(0, job.checkpoint_key(f"epoch-{reporter.epochs_reported[-1]}.pt"))
+        job.upload(last, keys[0], background=True, copies=keys[1:])
     final = reporter.final or reporter.last
     metrics = dict(final.metrics) if final else {}
     if reporter.best_epoch is not None:
