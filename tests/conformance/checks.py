@@ -190,10 +190,11 @@ def last_uploaded_epoch(sc: Scenario, job_id: str) -> int | None:
     Bytes, not ETags: a server-side copy need not carry its source's ETag (S3 gives a copy made
     by CopyObject a single-part ETag whatever the source's), and trainers copy last.pt."""
     prefix = f"checkpoints/job-{job_id}/"
-    if prefix + "last.pt" not in sc.subject.keys(prefix):
+    keys = sc.subject.keys(prefix)
+    if prefix + "last.pt" not in keys:
         return None
     last = hashlib.sha256(sc.subject.get(prefix + "last.pt")).digest()
-    for key in sc.subject.keys(prefix):
+    for key in keys:
         name = key[len(prefix):]
         if (name.startswith("epoch-") and name.endswith(".pt")
                 and hashlib.sha256(sc.subject.get(key)).digest() == last):
