@@ -1716,6 +1716,9 @@ class CallbackClient:
         self.abandoned = 0  # given up at the exit deadline: close() must not report success
         self._last_status: dict[str, Any] | None = None  # the latest PATCH /status event
         self._last_delivered_seq = 0  # delivery is in order: every seq up to it is done
+        # Set each time a delivery attempt failed and the worker goes to wait before the next:
+        # tests synchronise on it instead of sleeping.
+        self.retry_waiting = threading.Event()
 
     def _last_journaled_seq(self) -> int:
         """Continue `seq` after a restart on the same work dir (idempotency keys stay unique)."""
@@ -1799,6 +1802,7 @@ class CallbackClient:
                 wait = _retry_after(response.headers.get("Retry-After"))
                 self._warn_once(status, "backend answered HTTP %s; retrying in the background",
                                 status)
+            self.retry_waiting.set()
             if wait is not None:  # the backend's Retry-After, honoured even at exit
                 self._sleep_until_due(min(wait, self.max_backoff))
             elif not self._worker.closing.is_set():

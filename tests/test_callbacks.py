@@ -104,8 +104,8 @@ def test_auth_refusal_stops_delivery_with_one_warning(utils_module, backend, tmp
         send_metrics(client, range(1, 11))
         assert wait_until(lambda: client.disabled_reason is not None, timeout=5)
         client.send("PATCH", "status", {"status": "completed"})  # after the refusal, too
-        client.close(timeout=2)
-        time.sleep(0.3)  # room for any (wrong) retry to show up
+        # Every queued event handled: a (wrong) retry would have happened before close returns.
+        assert client.close(timeout=2)
     assert len(backend.rejected) == 1  # no retry storm
     assert backend.calls == []
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -140,7 +140,9 @@ def test_down_backend_gets_everything_in_order_once_it_is_back(utils_module, bac
     backend.set_down(True)
     client = make_client(utils_module, backend, tmp_path)
     send_metrics(client, range(1, 11))
-    time.sleep(1.0)  # several failed attempts while it is down
+    for _ in range(2):  # two failed attempts while it is down
+        assert client.retry_waiting.wait(timeout=10)
+        client.retry_waiting.clear()
     assert backend.calls == []
     backend.set_down(False)
     assert client.close(timeout=15)
@@ -154,7 +156,7 @@ def test_exit_drain_is_not_spent_in_a_backoff_grown_during_an_outage(utils_modul
     backend.set_down(True)
     client = make_client(utils_module, backend, tmp_path, max_backoff=30.0)
     send_metrics(client, range(1, 4))
-    time.sleep(0.3)  # the first attempt failed; the worker is in its 20 s wait
+    assert client.retry_waiting.wait(timeout=5)  # the first attempt failed: its 20 s wait
     backend.set_down(False)
     backend.fail_every(3, 503)  # back, but shedding load: a retry is needed while draining
     started = time.monotonic()

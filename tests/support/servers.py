@@ -189,6 +189,106 @@ class S3Server:
             self.running = True
 
 
+class SlowLink:
+    """A TCP proxy on loopback in front of a server: a slow, unreliable network path to it.
+
+    Small test checkpoints cross a direct loopback link in a millisecond, so code that reports
+    `completed` before its uploads finished, or forgets to wait for `last.pt` on cancel, looks
+    right. Through this link every byte the client sends is held to `rate` bytes/s, so an
+    upload of N bytes takes N / rate seconds, and `fail_next` answers the next requests itself
+    with an S3 error the SDK does not retry (409 OperationAborted: "try again"), so only the
+    trainer's own retries can get the object through.
+    """
+
+    CHUNK = 8192
+
+    def __init__(self, upstream_port: int, rate: float = 256 * 1024) -> None:
+        self.upstream_port, self.rate = upstream_port, rate
+        self.failed: list[str] = []  # request lines answered with an injected error
+        self._fail_left = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self.port = self._listener.getsockname()[1]
+        self.endpoint = f"http://{LOOPBACK}:{self.port}"
+        self._closed = False
+        threading.Thread(target=self._accept, name="slow-link", daemon=True).start()
+
+    def fail_next(self, count: int) -> None:
+        """Answer the next `count` requests with 409 OperationAborted, each on its own
+        connection (closed after the answer)."""
+        with self._lock:
+            self._fail_left = count
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            failing = self._fail_left > 0
+            self._fail_left -= failing
+        if failing:
+            self._answer_error(client)
+            return
+        try:
+            upstream = socket.create_connection((LOOPBACK, self.upstream_port), timeout=10)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+        self._pump(client, upstream, self.rate)
+
+    def _pump(self, source: socket.socket, dest: socket.socket, rate: float | None) -> None:
+        try:
+            while data := source.recv(self.CHUNK):
+                dest.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, dest):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _answer_error(self, client: socket.socket) -> None:
+        """Read the request head (and its body, unless the client waits for 100-continue),
+        then answer the error and close, as an overloaded S3 front end would."""
+        with client:
+            client.settimeout(10)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head and (data := client.recv(self.CHUNK)):
+                    head += data
+            head, _, body = head.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            self.failed.append(lines[0])
+            fields = {k.strip().lower(): v.strip() for k, _, v in
+                      (line.partition(":") for line in lines[1:])}
+            if fields.get("expect", "").lower() != "100-continue":
+                left = int(fields.get("content-length", "0") or 0) - len(body)
+                with contextlib.suppress(OSError):
+                    while left > 0 and (data := client.recv(min(left, self.CHUNK))):
+                        left -= len(data)
+            xml = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>OperationAborted"
+                   b"</Code><Message>A conflicting conditional operation is currently in "
+                   b"progress against this resource. Please try again.</Message></Error>")
+            with contextlib.suppress(OSError):
+                client.sendall(b"HTTP/1.1 409 Conflict\r\nContent-Type: application/xml\r\n"
+                               b"Content-Length: " + str(len(xml)).encode() +
+                               b"\r\nConnection: close\r\n\r\n" + xml)
+
+
 # ---------------------------------------------------------------------------------------------
 # The platform backend: records every callback, with fault controls
 # ---------------------------------------------------------------------------------------------

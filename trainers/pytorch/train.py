@@ -12,6 +12,7 @@ FRAMEWORK: the template trains a tiny CNN (model.py) on image folders (data.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ SETTINGS = utils.merge_settings(
     utils.with_defaults(utils.TRAIN_SETTINGS, MODEL_NAME="tinycnn", PRETRAINED=False,
                         EPOCHS=10, IMAGE_SIZE=64, BATCH_SIZE=32),
     (utils.Setting("WEIGHT_DECAY", "float", 0.0001, "AdamW weight decay.", minimum=0,
-                   group="advanced"),),
+                   group="advanced"),
+     utils.Setting("AMP", "bool", True, "Mixed precision on CUDA: bf16 where the GPU has it, "
+                   "else fp16 with loss scaling; always off on CPU.", group="advanced")),
 )
 
 
@@ -66,6 +69,7 @@ def train(job: utils.Job) -> utils.JobResult:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    precision = Precision.resolve(cfg.amp, device)
 
     start_epoch, best_value = 1, -math.inf
     if cfg.checkpoint_path:
@@ -78,7 +82,7 @@ def train(job: utils.Job) -> utils.JobResult:
     for epoch in range(start_epoch, cfg.epochs + 1):
         job.start_epoch()
         started = time.monotonic()
-        training = train_one_epoch(model, train_loader, optimizer, device)
+        training = train_one_epoch(model, train_loader, optimizer, device, precision)
         scheduler.step()
         result = validate(model, val_loader, device, splits.class_names)
         is_best = result.primary_metric_value > best_value
@@ -123,18 +127,42 @@ def restore(checkpoint: dict[str, Any], model, optimizer, scheduler,
     return 1, -math.inf
 
 
-def train_one_epoch(model, loader, optimizer, device) -> utils.TrainingMetrics:
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """AMP as resolved for the device: bf16 where the GPU has it, else fp16 with a loss scaler
+    (against fp16 underflow); float32 on the CPU."""
+
+    enabled: bool
+    dtype: Any
+    scaler: Any
+
+    @classmethod
+    def resolve(cls, amp: bool, device) -> Precision:
+        import torch
+
+        enabled = amp and device.type == "cuda"
+        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+        return cls(enabled, dtype, torch.amp.GradScaler(
+            "cuda", enabled=enabled and dtype == torch.float16))
+
+
+def train_one_epoch(model, loader, optimizer, device, precision: Precision
+                    ) -> utils.TrainingMetrics:
+    import torch
     import torch.nn.functional as F
 
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
+    scaler = precision.scaler
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.enabled):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         loss_sum += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)

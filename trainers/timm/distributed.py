@@ -37,10 +37,13 @@ class Dist:
     world_size: int = 1
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # Started by torchrun: a process group even for one process, so `torchrun --nproc_per_node 1`
+    # runs the multi-GPU path (DDP, collectives, NCCL on CUDA) on a one-GPU machine.
+    launched: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -144,10 +147,11 @@ def distributed(job: utils.Job, device_setting: str | None) -> Iterator[Dist]:
     Every rank meets at a barrier before the group is destroyed: a rank that tears down while a
     peer is still in its last collective makes that peer abort.
     """
-    enabled = job.world_size > 1
-    device = resolve_device(device_setting, job.local_rank, enabled)
-    # torchrun's own variable, read where its others are (RANK & co. are read by utils.Job)
+    # torchrun's own variables, read where its others are (RANK & co. are read by utils.Job)
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    enabled = job.world_size > 1 or launched
+    device = resolve_device(device_setting, job.local_rank, enabled)
     if not enabled:
         yield Dist(device=device)
         return
@@ -159,11 +163,12 @@ def distributed(job: utils.Job, device_setting: str | None) -> Iterator[Dist]:
              job.local_rank, device, backend)
     finished = False
     try:
-        yield Dist(job.rank, job.local_rank, job.world_size, local_world_size, device)
+        yield Dist(job.rank, job.local_rank, job.world_size, local_world_size, device, launched)
         finished = True
     finally:
         if finished:
-            Dist(job.rank, job.local_rank, job.world_size, local_world_size, device).barrier()
+            Dist(job.rank, job.local_rank, job.world_size, local_world_size, device,
+                 launched).barrier()
         torch_dist.destroy_process_group()
 
 
