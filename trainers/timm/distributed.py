@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -23,7 +22,7 @@ from torch.utils.data import Sampler
 
 import utils
 
-log = logging.getLogger("trainer")
+log = logging.getLogger(f"trainer.{__name__}")
 T = TypeVar("T")
 
 # A rank may wait this long for its peers (e.g. while rank 0 evaluates best.pt at the end).
@@ -146,8 +145,8 @@ def distributed(job: utils.Job, device_setting: str | None) -> Iterator[Dist]:
     """
     enabled = job.world_size > 1
     device = resolve_device(device_setting, job.local_rank, enabled)
-    # torchrun's own variable, read where its others are (RANK & co. are read by utils.Job)
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    # torchrun's own variable (RANK & co. are read by utils.Job)
+    local_world_size = int(utils.outside_env("LOCAL_WORLD_SIZE") or 1)
     if not enabled:
         yield Dist(device=device)
         return
