@@ -16,6 +16,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.support.contract import contract
 from tests.support.servers import (
     REPO,
     TEMPLATE_UTILS,
@@ -27,15 +28,11 @@ from tests.support.servers import (
 # Every variable the platform contract names, plus the families it delegates to (AWS_*, ...):
 # a developer's shell or CI runner must not leak any of them into a test job.
 PLATFORM_PREFIXES = ("STORAGE_", "MINIO_", "R2_", "AWS_", "MLFLOW_", "S3_", "LOCAL_STORAGE_")
-PLATFORM_NAMES = {
-    "JOB_ID", "TASK_TYPE", "CALLBACK_URL", "INTERNAL_AUTH_TOKEN", "DATASET_ID",
-    "CHECKPOINT_PATH", "INPUT_PATH", "MODEL_NAME", "PRETRAINED", "EPOCHS", "BATCH_SIZE",
-    "LEARNING_RATE", "IMAGE_SIZE", "NUM_WORKERS", "SEED", "DEVICE", "CHECKPOINT_EVERY",
-    "WORK_DIR", "CACHE_DIR", "DISK_BUDGET_MB", "SHUTDOWN_GRACE_S", "CALLBACK_FLUSH_S",
-    "TERMINATION_LOG", "LOG_LEVEL", "CONF_THRESHOLD", "IOU_THRESHOLD", "TOP_K", "SPLIT",
-    "EXPORT_FORMAT", "EXTRA_ARGS",
-    "RANK", "LOCAL_RANK", "WORLD_SIZE",  # utils.Job reads them: a stray one makes rank != 0
-}
+PLATFORM_NAMES = {s.name for table in (contract.PLATFORM_SETTINGS, contract.TRAIN_SETTINGS,
+                                        contract.EVALUATE_SETTINGS, contract.PREDICT_SETTINGS,
+                                        contract.EXPORT_SETTINGS) for s in table}
+# torchrun's variables (utils.OUTSIDE_ENV): a stray RANK in a developer's shell makes rank != 0
+PLATFORM_NAMES |= {name for name, why in contract.OUTSIDE_ENV.items() if why.startswith("torchrun")}
 
 NOISY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alembic", "PIL",
                  "matplotlib", "httpx", "filelock", "git", "trainer")

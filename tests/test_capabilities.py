@@ -404,7 +404,7 @@ def test_a_hand_edited_or_deleted_manifest_is_restored(repo: Path) -> None:
 def test_a_template_settings_change_reaches_every_manifest(repo: Path) -> None:
     template_utils = repo / "template/utils.py"
     text = template_utils.read_text()
-    old = '_s("EPOCHS", "int", 10, "Number of training epochs.", minimum=1),'
+    old = 'Setting("EPOCHS", "int", 10, "Number of training epochs.", minimum=1),'
     assert old in text
     template_utils.write_text(text.replace(old, old.replace("minimum=1", "minimum=2")))
     check = sync(repo, "--check")

@@ -25,6 +25,7 @@ import jsonschema
 import pytest
 
 from tests.conftest import clean_environ
+from tests.support.contract import contract
 from tests.support.servers import REPO, closed_port_url
 
 ATOL = 1e-4  # most |exported - PyTorch| on the logits (float32), as export.py enforces itself
@@ -61,15 +62,15 @@ def run_all(jobs: dict, timeout: float = 600) -> dict[object, subprocess.Complet
 
 
 def statuses(work: Path) -> list[tuple[str, str | None]]:
-    events = [json.loads(line) for line in (work / "callbacks.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (work / contract.JOURNAL_NAME).read_text().splitlines()]
     return [(e["body"]["status"], e["body"]["error"]) for e in events if e["route"] == "status"]
 
 
 def uploads(bucket: Path, job_id: str) -> list[str]:
-    """The job's artifacts besides callbacks.jsonl (which goes up whatever the outcome)."""
+    """The job's artifacts besides the journal (which goes up whatever the outcome)."""
     folder = bucket / "artifacts" / f"job-{job_id}"
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.name != "callbacks.jsonl")
+                  if p.is_file() and p.name != contract.JOURNAL_NAME)
 
 
 @dataclass
@@ -235,7 +236,7 @@ def test_an_unsupported_format_fails_at_once_and_uploads_nothing(tmp_path: Path)
                       EXPORT_FORMAT="tflite")
     result = subprocess.run([sys.executable, "export.py"], cwd=REPO / "trainers" / "pytorch",
                             env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == contract.EXIT_CONFIG, result.stderr
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and errors[0].endswith(
         "EXPORT_FORMAT='tflite' is not one of onnx, torchscript"), result.stderr
@@ -265,7 +266,7 @@ def test_a_missing_toolchain_fails_before_any_download(tmp_path: Path, fmt: str,
                       PYTHONPATH=str(tmp_path / "absent"), **settings)
     result = subprocess.run([sys.executable, "export.py"], cwd=REPO / "trainers" / "pytorch",
                             env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == contract.EXIT_CONFIG, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and errors[0].endswith(reason), result.stderr[-3000:]
     assert statuses(work) == [("running", None), ("failed", reason)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -106,3 +107,54 @@ def test_default_local_store_lives_in_the_work_dir(utils_module, tmp_path, monke
     client = MlflowClient(f"sqlite:///{work_dir / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.5}
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_a_new_experiment_on_a_given_store_keeps_its_artifacts_in_the_work_dir(
+        utils_module, tmp_path, monkeypatch, store):
+    """MLFLOW_TRACKING_URI names a database or file store (no server) and the experiment is new:
+    MLflow's default would put the artifacts in ./mlruns of the current folder."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses file stores else
+    uri = (f"sqlite:///{tmp_path / 'store.db'}" if store == "sqlite"
+           else (tmp_path / "file-store").as_uri())
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    tracker = utils_module.Tracker(uri, unique_experiment(), work_dir)
+    assert tracker.start("job-given", {"job_id": "given"})
+    artifact = tmp_path / "plot.txt"
+    artifact.write_text("a plot")
+    tracker.log_artifact(artifact)
+    tracker.end("FINISHED", timeout=30)
+
+    assert tracker.disabled_reason is None
+    assert list(cwd.iterdir()) == []
+    assert [p.name for p in (work_dir / "mlruns").rglob("plot.txt")] == ["plot.txt"]
+
+
+def test_a_job_that_tracks_nothing_has_a_null_tracker(utils_module, tmp_path):
+    """predict.py has no MLflow run: the job's tracker is the null one, whose calls do nothing
+    (no `if tracker` in Job), and the status carries no MLflow ids."""
+    seen = []
+
+    def work(job):
+        seen.append(job.tracker)
+        job.log_metrics({"loss": 1.0}, step=1)
+        job.upload_artifacts([])
+        return None
+
+    environ = {"STORAGE_TYPE": "local", "LOCAL_STORAGE_ROOT": str(tmp_path / "bucket"),
+               "WORK_DIR": str(tmp_path / "work"), "CHECKPOINT_PATH": "c.pt",
+               "INPUT_PATH": "i.jpg"}
+    code = utils_module.run_job("predict", utils_module.PREDICT_SETTINGS, work,
+                                framework="test", argv=[], environ=environ)
+
+    assert code == utils_module.EXIT_OK
+    assert isinstance(seen[0], utils_module.NullTracker)
+    journal = tmp_path / "work" / utils_module.JOURNAL_NAME
+    statuses = [json.loads(line)["body"] for line in journal.read_text().splitlines()]
+    assert [s["status"] for s in statuses] == ["running", "completed"]
+    assert all(s["mlflow_run_id"] is None and s["mlflow_experiment_id"] is None
+               for s in statuses)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import clean_environ
+from tests.support.contract import contract
 from tests.support.servers import (
     REPO,
     MlflowServer,
@@ -33,12 +34,19 @@ from tests.support.servers import (
     S3Server,
     closed_port_url,
 )
+from tests.support.trainer_jobs import (
+    EXPORT_SCHEMA,
+    bucket_keys,
+    guarded,
+    of_job,
+    run_script,
+    statuses,
+)
 
 TRAINER = REPO / "trainers" / "timm"
-GUARD = REPO / "tests" / "support" / "offline_guard"
 CLASSES = [str(d) for d in range(10)]
-METRICS = {"accuracy", "top5_accuracy", "precision", "recall", "f1_score"}
-PER_CLASS = {"precision", "recall", "f1_score", "support"}
+_, _METRICS, _PER_CLASS = contract.TASK_METRICS["image_classification"]
+METRICS, PER_CLASS = set(_METRICS), set(_PER_CLASS)
 REPORT = {"results.json", "per_class_report.csv", "confusion_matrix.png"}
 EXPERIMENT = "timm-trainer-tests"
 EPOCHS = 3
@@ -85,34 +93,15 @@ def sample_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- running the trainer --------------------------------------------------------------------------
 
 
-def guarded(env: dict[str, str], log: Path) -> dict[str, str]:
-    """The env, with the offline guard loaded into the subprocess and logging to `log`."""
-    return {**env, "PYTHONPATH": str(GUARD), "OFFLINE_GUARD_LOG": str(log)}
-
-
 def run(script: str, env: dict[str, str], *args: str,
         timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TRAINER / script), *args], cwd=TRAINER, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_script(TRAINER, script, env, *args, timeout=timeout)
 
 
 def torchrun(env: dict[str, str], processes: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={processes}", str(TRAINER / "train.py")],
                           cwd=TRAINER, env=env, capture_output=True, text=True, timeout=900)
-
-
-def of_job(backend: RecordingBackend, route: str, job_id: str) -> list[dict]:
-    return [b for b in backend.bodies(route) if b.get("job_id") == job_id]
-
-
-def statuses(backend: RecordingBackend, job_id: str) -> list[str]:
-    return [b["status"] for b in of_job(backend, "status", job_id)]
-
-
-def bucket_keys(s3: S3Server, bucket: str, prefix: str) -> set[str]:
-    pages = s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {item["Key"][len(prefix):] for page in pages for item in page.get("Contents", [])}
 
 
 def read_json(s3: S3Server, bucket: str, key: str) -> dict:
@@ -376,20 +365,22 @@ def test_predict_on_a_prefix(trained: Trained) -> None:
 
 
 PNG_0 = "sample/train/0/0_0000.png"
+EXIT_DATA, EXIT_CONFIG = contract.EXIT_DATA, contract.EXIT_CONFIG
 BAD_INPUTS = {
     "no val split": (
-        {"keep": lambda name: "/val/" not in name}, {}, 3,
+        {"keep": lambda name: "/val/" not in name}, {}, EXIT_DATA,
         "dataset has no val/valid/validation folder (found: test, train)"),
     "empty class folder": (
-        {"keep": lambda name: "/train/3/" not in name, "folders": ("sample/train/3/",)}, {}, 3,
-        "class folder train/3 has no images"),
+        {"keep": lambda name: "/train/3/" not in name, "folders": ("sample/train/3/",)}, {},
+        EXIT_DATA, "class folder train/3 has no images"),
     "unreadable image": (
-        {"replace": {PNG_0: b"not an image"}}, {}, 3, "unreadable image train/0/0_0000.png"),
+        {"replace": {PNG_0: b"not an image"}}, {}, EXIT_DATA,
+        "unreadable image train/0/0_0000.png"),
     "unknown EXTRA_ARGS keys": (
-        None, {"EXTRA_ARGS": '{"drop_rate": 0.1, "dropout": 0.5, "depth": 4}'}, 2,
+        None, {"EXTRA_ARGS": '{"drop_rate": 0.1, "dropout": 0.5, "depth": 4}'}, EXIT_CONFIG,
         "EXTRA_ARGS has keys test_resnet does not take: depth, dropout"),
     "PRETRAINED=true offline": (
-        None, {"PRETRAINED": "true"}, 2,
+        None, {"PRETRAINED": "true"}, EXIT_CONFIG,
         "PRETRAINED=true but the pretrained weights of test_resnet are not in the local cache"),
 }
 
@@ -427,7 +418,7 @@ def test_evaluating_on_other_classes_fails_with_one_line(trained: Trained,
     evaluated = run("evaluate.py", trained.job_env(
         "eval-mismatch", DATASET_ID="renamed", MLFLOW_TRACKING_URI=closed_port_url(),
         CHECKPOINT_PATH="checkpoints/job-e2e/best.pt"))
-    assert evaluated.returncode == 3, evaluated.stderr[-3000:]
+    assert evaluated.returncode == contract.EXIT_DATA, evaluated.stderr[-3000:]
     assert statuses(trained.backend, "eval-mismatch") == ["running", "failed"]
     error = of_job(trained.backend, "status", "eval-mismatch")[-1]["error"]
     assert error == "val/ classes differ from the checkpoint's: missing 9, extra nine"
@@ -438,7 +429,6 @@ def test_evaluating_on_other_classes_fails_with_one_line(trained: Trained,
 
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript"}
 EXPORT_EXTRA = {"onnx": {"DYNAMIC_BATCH": "true"}, "torchscript": {}}  # one dynamic, one fixed
-EXPORT_SCHEMA = REPO / "schemas" / "export-metadata.schema.json"
 EXPORT_ATOL = 1e-4  # most |exported - PyTorch| on the logits (float32), as export.py enforces
 # Run in the trainer's folder: the PyTorch side is the trainer's own model and eval transform
 # (what predict.py uses); each exported model runs only through what its metadata.json says, and
@@ -518,7 +508,7 @@ def run_side_by_side(jobs: dict[str, tuple[str, dict[str, str]]],
 
 def uploaded_besides_the_journal(trained: Trained, job_id: str) -> set[str]:
     return bucket_keys(trained.s3, trained.bucket, f"artifacts/job-{job_id}/") - {
-        "callbacks.jsonl"}
+        contract.JOURNAL_NAME}
 
 
 def test_export_to_onnx_and_torchscript_reproduces_the_pytorch_logits(trained: Trained) -> None:
@@ -618,7 +608,7 @@ def test_export_fails_at_once_with_one_line_and_uploads_nothing(trained: Trained
             f"raise ImportError(\"No module named '{absent}'\")\n")
         env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     result = run("export.py", env, timeout=300)
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == contract.EXIT_CONFIG, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and errors[0].endswith(reason), result.stderr[-3000:]
     assert "Traceback" not in result.stderr

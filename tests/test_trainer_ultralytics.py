@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import clean_environ
+from tests.support.contract import contract
 from tests.support.servers import (
     REPO,
     MlflowServer,
@@ -33,12 +34,19 @@ from tests.support.servers import (
     closed_port_url,
     wait_until,
 )
+from tests.support.trainer_jobs import (
+    EXPORT_SCHEMA,
+    bucket_keys,
+    guarded,
+    of_job,
+    run_script,
+    statuses,
+)
 
 TRAINER = REPO / "trainers" / "ultralytics"
-GUARD = REPO / "tests" / "support" / "offline_guard"
 CLASSES = ["circle", "square", "triangle"]
-DETECTION_METRICS = {"mAP@0.5", "mAP@0.5:0.95", "precision", "recall"}
-DETECTION_PER_CLASS = {"ap_50", "ap_50_95", "precision", "recall", "support"}
+_, _METRICS, _PER_CLASS = contract.TASK_METRICS["object_detection"]
+DETECTION_METRICS, DETECTION_PER_CLASS = set(_METRICS), set(_PER_CLASS)
 EXPERIMENT = "ultralytics-trainer-tests"
 TINY = {"IMAGE_SIZE": "128", "BATCH_SIZE": "8", "PRETRAINED": "false", "DEVICE": "cpu",
         "NUM_WORKERS": "0", "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
@@ -53,28 +61,9 @@ def sample_zip(tmp: Path, task: str, name: str, train: int = 12, val: int = 6) -
     return tmp / "datasets" / f"{name}.zip"
 
 
-def guarded(env: dict[str, str], log: Path) -> dict[str, str]:
-    """The env, with the offline guard loaded into the subprocess and logging to `log`."""
-    return {**env, "PYTHONPATH": str(GUARD), "OFFLINE_GUARD_LOG": str(log)}
-
-
 def run(script: str, env: dict[str, str], *args: str, cwd: Path = TRAINER,
         timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TRAINER / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def of_job(backend: RecordingBackend, route: str, job_id: str) -> list[dict]:
-    return [b for b in backend.bodies(route) if b.get("job_id") == job_id]
-
-
-def statuses(backend: RecordingBackend, job_id: str) -> list[str]:
-    return [b["status"] for b in of_job(backend, "status", job_id)]
-
-
-def bucket_keys(s3: S3Server, bucket: str, prefix: str) -> set[str]:
-    pages = s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {item["Key"][len(prefix):] for page in pages for item in page.get("Contents", [])}
+    return run_script(TRAINER, script, env, *args, cwd=cwd, timeout=timeout)
 
 
 @dataclass
@@ -222,7 +211,7 @@ def test_resume_after_a_kill_continues_at_the_next_epoch(trained: Trained) -> No
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 143, stderr[-3000:]
+    assert process.returncode == contract.EXIT_SIGTERM, stderr[-3000:]
     assert statuses(backend, "killed")[-1] == "cancelled"
     done = max(t["epoch"] for t in of_job(backend, "training-metrics", "killed"))
     assert done < 3, "the job finished before it could be killed"
@@ -295,7 +284,6 @@ def test_predict_with_the_trained_checkpoint_on_a_prefix(trained: Trained) -> No
 
 # --- export -------------------------------------------------------------------------------------
 
-EXPORT_SCHEMA = REPO / "schemas" / "export-metadata.schema.json"
 # Most |exported - PyTorch| on the raw head outputs, times their largest magnitude (at least 1):
 # boxes are in input pixels, and the exporter fuses convolutions with their batch norms.
 RELATIVE_TOLERANCE = 1e-5
@@ -403,7 +391,7 @@ def test_export_uploads_one_archive_with_the_model_and_its_metadata(
     job_id = f"export-{fmt}"
     assert statuses(trained.backend, job_id) == ["running", "completed"]
     assert bucket_keys(trained.s3, trained.bucket, f"artifacts/job-{job_id}/") == {
-        f"export/export-{fmt}.zip", "callbacks.jsonl"}
+        f"export/export-{fmt}.zip", contract.JOURNAL_NAME}
     assert result.stdout.strip() == (f"s3://{trained.bucket}/artifacts/job-{job_id}/export/"
                                      f"export-{fmt}.zip")
     with zipfile.ZipFile(export_archive(trained, fmt)) as archive:
@@ -490,7 +478,7 @@ def test_export_to_an_absent_toolchain_fails_at_once(fmt: str, s3: S3Server,
     env["PYTHONPATH"] += f":{absent}"
     started = time.monotonic()
     result = run("export.py", env)
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == contract.EXIT_CONFIG, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and errors[0].endswith(reason), result.stderr[-3000:]
     assert backend.statuses() == ["running", "failed"]
@@ -498,7 +486,8 @@ def test_export_to_an_absent_toolchain_fails_at_once(fmt: str, s3: S3Server,
     assert (tmp_path / "work" / "failure").read_text().strip() == reason
     assert not (tmp_path / "work" / "inputs").exists(), "the checkpoint was downloaded"
     assert not (tmp_path / "work" / "export").exists()
-    assert set(s3.keys("artifacts/")) <= {f"artifacts/job-{job_env['JOB_ID']}/callbacks.jsonl"}
+    journal = f"artifacts/job-{job_env['JOB_ID']}/{contract.JOURNAL_NAME}"
+    assert set(s3.keys("artifacts/")) <= {journal}
     assert not log.exists(), log.read_text()
     assert time.monotonic() - started < 60
 
@@ -571,21 +560,21 @@ BAD_INPUTS = {
     "dataset without data.yaml": (
         {"DATASET_ID": "no-yaml"},
         {"no-yaml/images/train/a.jpg": JPEG, "no-yaml/labels/train/a.txt": b"0 .5 .5 .2 .2\n"},
-        3, "the dataset has no data.yaml"),
+        contract.EXIT_DATA, "the dataset has no data.yaml"),
     "data.yaml naming a missing folder": (
         {"DATASET_ID": "missing-val"},
         {"data.yaml": b"names: [a]\ntrain: images/train\nval: images/nowhere\n",
          "images/train/a.jpg": JPEG, "labels/train/a.txt": b"0 .5 .5 .2 .2\n"},
-        3, "val folder 'images/nowhere' does not exist"),
+        contract.EXIT_DATA, "val folder 'images/nowhere' does not exist"),
     "unknown EXTRA_ARGS key": (
         {"DATASET_ID": "sample", "EXTRA_ARGS": '{"mosaic": 0.5, "lr_zero": 0.1}'},
-        None, 2, "unknown Ultralytics train arguments: 'lr_zero'"),
+        None, contract.EXIT_CONFIG, "unknown Ultralytics train arguments: 'lr_zero'"),
     "PRETRAINED=true offline": (
         {"DATASET_ID": "sample", "PRETRAINED": "true"},
-        None, 2, "PRETRAINED=true: yolo11n.pt could not be downloaded"),
+        None, contract.EXIT_CONFIG, "PRETRAINED=true: yolo11n.pt could not be downloaded"),
     "PRETRAINED=true with OFFLINE=true": (
         {"DATASET_ID": "sample", "PRETRAINED": "true", "OFFLINE": "true"},
-        None, 2, "OFFLINE=true forbids downloading it"),
+        None, contract.EXIT_CONFIG, "OFFLINE=true forbids downloading it"),
 }
 
 

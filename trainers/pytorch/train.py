@@ -13,12 +13,15 @@ FRAMEWORK: the template trains a tiny CNN (model.py) on image folders (data.py).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 FRAMEWORK = "pytorch"
 TASK_TYPE = "image_classification"
@@ -121,9 +124,9 @@ def restore(checkpoint: dict[str, Any], model, optimizer, scheduler,
     if checkpoint["epoch"] < checkpoint["epochs"]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        utils.log.info("resuming after epoch %d", checkpoint["epoch"])
+        log.info("resuming after epoch %d", checkpoint["epoch"])
         return checkpoint["epoch"] + 1, checkpoint["best_value"]
-    utils.log.info("fine-tuning from a finished model (%d epochs)", checkpoint["epoch"])
+    log.info("fine-tuning from a finished model (%d epochs)", checkpoint["epoch"])
     return 1, -math.inf
 
 
@@ -174,8 +177,6 @@ def validate(model, loader, device, class_names: list[str]) -> utils.ValidationR
     import torch
     import torch.nn.functional as F
 
-    from metrics import classification_metrics
-
     model.eval()
     n = len(class_names)
     confusion = np.zeros((n, n), dtype=np.int64)
@@ -189,7 +190,7 @@ def validate(model, loader, device, class_names: list[str]) -> utils.ValidationR
             top5 += (logits.topk(k, 1).indices == labels[:, None]).any(1).sum().item()
             np.add.at(confusion, (labels.cpu().numpy(), logits.argmax(1).cpu().numpy()), 1)
             seen += len(labels)
-    metrics, per_class = classification_metrics(confusion, class_names, top5)
+    metrics, per_class = utils.classification_metrics(confusion, class_names, top5)
     return utils.ValidationResult(
         task_type=TASK_TYPE, metrics=metrics, primary_metric_name=PRIMARY_METRIC,
         primary_metric_value=metrics[PRIMARY_METRIC], overall_loss=loss_sum / max(seen, 1),
@@ -199,7 +200,7 @@ def validate(model, loader, device, class_names: list[str]) -> utils.ValidationR
 
 def log_epoch(epoch: int, epochs: int, training: utils.TrainingMetrics,
               result: utils.ValidationResult) -> None:
-    utils.log.info("epoch %d/%d: loss %.4f, train acc %.3f, val acc %.3f, val loss %.4f",
+    log.info("epoch %d/%d: loss %.4f, train acc %.3f, val acc %.3f, val loss %.4f",
                    epoch, epochs, training.loss, training.accuracy,
                    result.metrics["accuracy"], result.overall_loss)
 

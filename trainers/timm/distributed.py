@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -23,7 +22,7 @@ from torch.utils.data import Sampler
 
 import utils
 
-log = logging.getLogger("trainer")
+log = logging.getLogger(f"trainer.{__name__}")
 T = TypeVar("T")
 
 # A rank may wait this long for its peers (e.g. while rank 0 evaluates best.pt at the end).
@@ -147,9 +146,9 @@ def distributed(job: utils.Job, device_setting: str | None) -> Iterator[Dist]:
     Every rank meets at a barrier before the group is destroyed: a rank that tears down while a
     peer is still in its last collective makes that peer abort.
     """
-    # torchrun's own variables, read where its others are (RANK & co. are read by utils.Job)
-    launched = "TORCHELASTIC_RUN_ID" in os.environ
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    # torchrun's own variables (RANK & co. are read by utils.Job)
+    launched = utils.outside_env("TORCHELASTIC_RUN_ID") is not None
+    local_world_size = int(utils.outside_env("LOCAL_WORLD_SIZE") or 1)
     enabled = job.world_size > 1 or launched
     device = resolve_device(device_setting, job.local_rank, enabled)
     if not enabled:

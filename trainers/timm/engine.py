@@ -22,9 +22,8 @@ from torch import nn
 
 import utils
 from distributed import Dist
-from metrics import classification_metrics
 
-log = logging.getLogger("trainer")
+log = logging.getLogger(f"trainer.{__name__}")
 
 TASK_TYPE = "image_classification"
 PRIMARY_METRIC = "accuracy"
@@ -163,7 +162,8 @@ def validate(model: nn.Module, loader, class_names: list[str], *, dist: Dist,
                                       confusion.cpu().numpy()]))
     matrix = np.rint(totals[2:]).astype(np.int64).reshape(n, n)
     seen = int(matrix.sum())
-    metrics, per_class = classification_metrics(matrix, class_names, int(round(totals[1])))
+    metrics, per_class = utils.classification_metrics(matrix, class_names,
+                                                      int(round(totals[1])))
     return utils.ValidationResult(
         task_type=TASK_TYPE, metrics=metrics, primary_metric_name=PRIMARY_METRIC,
         primary_metric_value=metrics[PRIMARY_METRIC], overall_loss=totals[0] / max(seen, 1),

@@ -11,8 +11,6 @@ a failed export uploads nothing.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import math
 import shutil
 import tempfile
@@ -74,16 +72,10 @@ def export(job: utils.Job) -> utils.JobResult:
                               batch=2 if cfg.dynamic_batch else 1)
         metadata = describe(job, fmt, checkpoint, source, example, preprocessing, exporter,
                             verification)
-        archive = utils.write_export_archive(job.work_dir / "export" / f"export-{fmt.name}.zip",
-                                             {fmt.file: model_file}, metadata)
+        archive = utils.write_export(job, fmt, model_file, metadata)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    uri = job.upload(archive, job.artifact_key(f"export/{archive.name}"))
-    utils.log.info("exported %s to %s (%.1f MB)", fmt.name, uri, archive.stat().st_size / 2**20)
-    print(uri)
-    checked = verification["status"] == "passed"
-    return utils.JobResult(metrics={"max_abs_diff": verification["max_abs_diff"]} if checked
-                           else {})
+    return utils.publish_export(job, fmt, archive, verification)
 
 
 def export_onnx(model, example, path: Path, *, dynamic_batch: bool, opset: int) -> dict[str, Any]:
@@ -202,52 +194,24 @@ def describe_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:
 def describe(job: utils.Job, fmt: utils.ExportFormat, checkpoint: dict[str, Any], source: Path,
              example, preprocessing: dict[str, Any], exporter: dict[str, Any],
              verification: dict[str, Any]) -> dict[str, Any]:
-    """metadata.json: everything a deployment needs besides the model file itself."""
-    import timm
+    """metadata.json (utils.export_metadata) with what this trainer's model takes and returns."""
     import torch
 
     from capabilities import CAPABILITIES
 
-    cfg = job.cfg
-    batch = -1 if cfg.dynamic_batch else 1  # -1: any batch size
-    dtype = "float16" if cfg.half else "float32"
+    batch = -1 if job.cfg.dynamic_batch else 1  # -1: any batch size
     class_names = list(checkpoint["class_names"])
-    return {
-        "metadata_version": 1,
-        "format": fmt.name,
-        "file": fmt.file,
-        "task_type": checkpoint["task_type"],
-        "class_names": class_names,
-        "input": {"name": INPUT_NAME, "shape": [batch, *example.shape[1:]], "dtype": dtype,
-                  "layout": "NCHW"},
-        "outputs": [{"name": OUTPUT_NAME, "shape": [batch, len(class_names)], "dtype": dtype,
-                     "description": "class logits in class-id order; softmax gives "
-                                    "probabilities"}],
-        "preprocessing": preprocessing,
-        "source_checkpoint": {"path": cfg.checkpoint_path, "sha256": sha256(source),
-                              "format": checkpoint["format"],
-                              "model_name": checkpoint["model_name"],
-                              "model_kwargs": checkpoint.get("model_kwargs", {}),
-                              "epoch": checkpoint.get("epoch"),
-                              "versions": checkpoint.get("versions", {})},
-        "trainer": FRAMEWORK,
-        "framework": {"name": CAPABILITIES.framework, "package": CAPABILITIES.package,
-                      "version": timm.__version__, "torch_version": str(torch.__version__)},
-        "exporter": exporter,
-        "verification": verification,
-        "dynamic_batch": cfg.dynamic_batch,
-        "half": cfg.half,
-        "job_id": job.job_id,
-        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return utils.export_metadata(
+        job, fmt, CAPABILITIES, source=source, task_type=checkpoint["task_type"],
+        class_names=class_names, input_name=INPUT_NAME, input_shape=[batch, *example.shape[1:]],
+        outputs=[{"name": OUTPUT_NAME, "shape": [batch, len(class_names)],
+                  "description": "class logits in class-id order; softmax gives probabilities"}],
+        preprocessing=preprocessing,
+        checkpoint={"format": checkpoint["format"], "model_name": checkpoint["model_name"],
+                    "model_kwargs": checkpoint.get("model_kwargs", {}),
+                    "epoch": checkpoint.get("epoch"), "versions": checkpoint.get("versions", {})},
+        exporter=exporter, verification=verification,
+        framework={"torch_version": str(torch.__version__)})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from collections.abc import MutableMapping
 
 import utils
 
-log = logging.getLogger("trainer")
+log = logging.getLogger(f"trainer.{__name__}")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PROBE_TIMEOUT_S = 4.0
@@ -31,12 +31,12 @@ def prepare_hub(need_weights: bool, environ: MutableMapping[str, str] | None = N
     environ = os.environ if environ is None else environ
     if "huggingface_hub" in sys.modules:
         log.debug("huggingface_hub already imported: HF_HUB_OFFLINE can no longer change")
-    if (environ.get("HF_HUB_OFFLINE") or "").strip().lower() in _TRUE:
+    if (utils.outside_env("HF_HUB_OFFLINE", environ) or "").strip().lower() in _TRUE:
         return "HF_HUB_OFFLINE is set"
     if not need_weights:
         environ["HF_HUB_OFFLINE"] = "1"
         return "no pretrained weights are needed"
-    endpoint = environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    endpoint = utils.outside_env("HF_ENDPOINT", environ) or DEFAULT_ENDPOINT
     problem = probe(endpoint)
     if problem is None:
         return None
@@ -71,7 +71,7 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
 def pretrained_error(model_name: str, exc: BaseException, offline: str | None,
                      ) -> utils.ConfigError:
     """The one line a failed pretrained-weights load becomes."""
-    home = os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    home = utils.outside_env("HF_HOME") or "~/.cache/huggingface"
     if offline:
         return utils.ConfigError(
             f"PRETRAINED=true but the pretrained weights of {model_name} are not in the local "

@@ -21,7 +21,7 @@ from torch import nn
 import hub
 import utils
 
-log = logging.getLogger("trainer")
+log = logging.getLogger(f"trainer.{__name__}")
 
 CHECKPOINT_FORMAT = "vision-platform/timm/1"
 

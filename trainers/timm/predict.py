@@ -9,11 +9,14 @@ artifacts/job-{JOB_ID}/predictions/. Class names and preprocessing come from the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 FRAMEWORK = "timm"
 # CONF_THRESHOLD / IOU_THRESHOLD filter detections: a classifier keeps its TOP_K classes.
@@ -107,7 +110,7 @@ def load_image(path: Path, transform):
         with Image.open(path) as im:
             return transform(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        utils.log.warning("unreadable image skipped: %s", path.name)
+        log.warning("unreadable image skipped: %s", path.name)
         return None
 
 

@@ -11,6 +11,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node=N train.py` (DDP; NCCL on GPUs
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,46 +22,50 @@ if TYPE_CHECKING:  # heavy (torch, timm): imported by `train` when a job runs
     from distributed import Dist
     from training_run import Run
 
+log = logging.getLogger(f"trainer.{__name__}")
+
 FRAMEWORK = "timm"
-S = utils.Setting
 SETTINGS = utils.merge_settings(
     utils.with_defaults(utils.TRAIN_SETTINGS, PRETRAINED=True, EPOCHS=10, BATCH_SIZE=32,
                         LEARNING_RATE=0.001),
     (
-        S("MODEL_NAME", "str", "resnet50", "timm model name, optionally with a pretrained tag "
-          "(resnet50, resnet50.a1_in1k, convnext_tiny, vit_small_patch16_224, ...)."),
-        S("IMAGE_SIZE", "int", None, "Input image size in pixels; default: the model's "
-          "pretrained input size (224 for resnet50).", minimum=8),
-        S("NUM_WORKERS", "int", None, "Data-loader worker processes per training process; "
-          "default: min(8, CPUs per process).", minimum=0, group="advanced"),
-        S("OPTIMIZER", "str", "adamw", "timm optimizer (create_optimizer_v2): adamw, sgd, "
-          "lamb, lion, ..."),
-        S("WEIGHT_DECAY", "float", 0.05, "Weight decay (not applied to biases and norms).",
-          minimum=0),
-        S("SCHEDULER", "str", "cosine", "Learning-rate schedule (create_scheduler_v2), "
-          "stepped every update.", choices=("cosine", "tanh", "poly", "constant", "none")),
-        S("WARMUP_EPOCHS", "int", 1, "Epochs of linear learning-rate warmup from 1e-5.",
-          minimum=0),
-        S("LABEL_SMOOTHING", "float", 0.1, "Label smoothing of the cross-entropy loss.",
-          minimum=0, maximum=0.99),
-        S("MIXUP", "float", 0.0, "Mixup alpha (0: off).", minimum=0),
-        S("CUTMIX", "float", 0.0, "CutMix alpha (0: off).", minimum=0),
-        S("EMA", "bool", False, "Keep an exponential moving average of the weights "
-          "(ModelEmaV3): validated, and used by evaluate/predict."),
-        S("EMA_DECAY", "float", 0.9998, "EMA decay (warmed up from 0).", minimum=0, maximum=1,
-          group="advanced"),
-        S("AMP", "str", "auto", "Mixed precision on CUDA: auto (bf16 where supported, else "
-          "fp16), bf16, fp16 or off; always off on CPU.", choices=("auto", "bf16", "fp16", "off")),
-        S("CHANNELS_LAST", "bool", True, "Channels-last memory format (faster convolutions "
-          "with AMP on GPUs).", group="advanced"),
-        S("COMPILE", "bool", False, "torch.compile the model (slower start, faster steps).",
-          group="advanced"),
-        S("HFLIP", "float", 0.5, "Horizontal-flip probability in training.", minimum=0,
-          maximum=1, group="advanced"),
-        S("CROP_SCALE", "float", 0.08, "Smallest area fraction of the random-resized crop in "
-          "training.", minimum=0.01, maximum=1, group="advanced"),
-        S("AUTO_AUGMENT", "str", None, "timm augmentation policy, e.g. rand-m9-mstd0.5-inc1 "
-          "(default: none).", group="advanced"),
+        utils.Setting("MODEL_NAME", "str", "resnet50", "timm model name, optionally with a "
+                      "pretrained tag (resnet50, resnet50.a1_in1k, convnext_tiny, "
+                      "vit_small_patch16_224, ...)."),
+        utils.Setting("IMAGE_SIZE", "int", None, "Input image size in pixels; default: the "
+                      "model's pretrained input size (224 for resnet50).", minimum=8),
+        utils.Setting("NUM_WORKERS", "int", None, "Data-loader worker processes per training "
+                      "process; default: min(8, CPUs per process).", minimum=0, group="advanced"),
+        utils.Setting("OPTIMIZER", "str", "adamw", "timm optimizer (create_optimizer_v2): adamw, "
+                      "sgd, lamb, lion, ..."),
+        utils.Setting("WEIGHT_DECAY", "float", 0.05, "Weight decay (not applied to biases and "
+                      "norms).", minimum=0),
+        utils.Setting("SCHEDULER", "str", "cosine", "Learning-rate schedule "
+                      "(create_scheduler_v2), stepped every update.",
+                      choices=("cosine", "tanh", "poly", "constant", "none")),
+        utils.Setting("WARMUP_EPOCHS", "int", 1, "Epochs of linear learning-rate warmup from 1e-5.",
+                      minimum=0),
+        utils.Setting("LABEL_SMOOTHING", "float", 0.1, "Label smoothing of the cross-entropy loss.",
+                      minimum=0, maximum=0.99),
+        utils.Setting("MIXUP", "float", 0.0, "Mixup alpha (0: off).", minimum=0),
+        utils.Setting("CUTMIX", "float", 0.0, "CutMix alpha (0: off).", minimum=0),
+        utils.Setting("EMA", "bool", False, "Keep an exponential moving average of the weights "
+                      "(ModelEmaV3): validated, and used by evaluate/predict."),
+        utils.Setting("EMA_DECAY", "float", 0.9998, "EMA decay (warmed up from 0).", minimum=0,
+                      maximum=1, group="advanced"),
+        utils.Setting("AMP", "str", "auto", "Mixed precision on CUDA: auto (bf16 where supported, "
+                      "else fp16), bf16, fp16 or off; always off on CPU.",
+                      choices=("auto", "bf16", "fp16", "off")),
+        utils.Setting("CHANNELS_LAST", "bool", True, "Channels-last memory format (faster "
+                      "convolutions with AMP on GPUs).", group="advanced"),
+        utils.Setting("COMPILE", "bool", False, "torch.compile the model (slower start, faster "
+                      "steps).", group="advanced"),
+        utils.Setting("HFLIP", "float", 0.5, "Horizontal-flip probability in training.", minimum=0,
+                      maximum=1, group="advanced"),
+        utils.Setting("CROP_SCALE", "float", 0.08, "Smallest area fraction of the random-resized "
+                      "crop in training.", minimum=0.01, maximum=1, group="advanced"),
+        utils.Setting("AUTO_AUGMENT", "str", None, "timm augmentation policy, e.g. "
+                      "rand-m9-mstd0.5-inc1 (default: none).", group="advanced"),
     ),
 )
 
@@ -176,7 +181,7 @@ def save_run(path: Path, run: Run, cfg, *, epoch: int, best_value: float,
 
 def log_epoch(epoch: int, epochs: int, training: utils.TrainingMetrics,
               result: utils.ValidationResult) -> None:
-    utils.log.info("epoch %d/%d: loss %.4f, train acc %.3f, lr %.2e, %.0f img/s | val acc %.3f, "
+    log.info("epoch %d/%d: loss %.4f, train acc %.3f, lr %.2e, %.0f img/s | val acc %.3f, "
                    "top5 %.3f, loss %.4f", epoch, epochs, training.loss, training.accuracy,
                    training.learning_rate, training.extra_metrics["throughput_img_s"],
                    result.metrics["accuracy"], result.metrics["top5_accuracy"],

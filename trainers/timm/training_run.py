@@ -41,7 +41,7 @@ from model import (
     set_classes,
 )
 
-log = logging.getLogger("trainer")
+log = logging.getLogger(f"trainer.{__name__}")
 
 
 @dataclasses.dataclass

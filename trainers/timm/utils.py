@@ -7,13 +7,21 @@ Sections, top to bottom:
 
 1. Errors and exit codes   -- the small exception tree `main` maps to an exit code.
 2. Configuration           -- every setting declared once; env parsing, CLI flags, --help, docs;
-                              the capabilities manifest and the pre-launch job validator.
-3. Storage                 -- MinIO / R2 / S3 / local: datasets, checkpoints, artifacts.
-4. Background delivery     -- one ordered worker thread used by callbacks, uploads and MLflow.
-5. Callbacks               -- status / training-metrics / validation-results to the backend.
-6. MLflow                  -- one run per job, best-effort, never stalls training.
-7. Job lifecycle           -- `run_job`: settings -> running -> work -> completed | failed.
-8. The seed's names        -- `download_dataset`, `notify_status`, `log_metrics`, ... bound to
+                              the variables read outside the settings table (OUTSIDE_ENV).
+3. Capabilities manifest   -- what a trainer can do (capabilities.json) and the platform's
+                              pre-launch job validator, `validate_job_settings` (platform-side
+                              code, vendored on purpose: see the section's header).
+4. Storage                 -- MinIO / R2 / S3 / local: one bucket's objects.
+5. Dataset staging         -- archive checks, ranged parallel download + extraction, the
+                              ETag-keyed cache, prediction inputs, files written atomically.
+6. Background delivery     -- one ordered worker thread used by callbacks, uploads and MLflow.
+7. Callbacks               -- status / training-metrics / validation-results to the backend.
+8. MLflow                  -- one run per job, best-effort, never stalls training; a null
+                              tracker when tracking is off.
+9. Job lifecycle           -- `run_job`: settings -> running -> work -> completed | failed.
+10. Results                -- the platform's classification metrics and the export envelope
+                              (metadata.json, archive, upload) every trainer shares.
+11. The seed's names       -- `download_dataset`, `notify_status`, `log_metrics`, ... bound to
                               the running job.
 
 Importing this module does nothing: no env reads, no clients, no threads. Heavy libraries
@@ -46,6 +54,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+# The contract's logger. A trainer module's logger is its child, so the job's handlers, level and
+# secret redaction apply to it too: `log = logging.getLogger(f"trainer.{__name__}")`.
 log = logging.getLogger("trainer")
 
 CONTRACT_VERSION = "1"
@@ -182,10 +192,6 @@ class Setting:
         return value
 
 
-def _s(name: str, kind: str = "str", default: Any = None, help: str = "", **kw: Any) -> Setting:
-    return Setting(name, kind, default, help, **kw)
-
-
 STORAGE_TYPES = ("minio", "r2", "s3", "local")
 TASK_TYPES = (
     "image_classification",
@@ -197,107 +203,137 @@ TASK_TYPES = (
 
 # Settings every script reads (section 1 of the platform contract).
 PLATFORM_SETTINGS: tuple[Setting, ...] = (
-    _s("JOB_ID", help="The job's id; names its storage keys and MLflow run.",
-       required_if=("CALLBACK_URL", "*")),
-    _s("TASK_TYPE", help="Task kind as the callbacks name it; default: from the model/dataset.",
-       choices=TASK_TYPES, group="advanced"),
-    _s("CALLBACK_URL", help="Base URL of this job's callback endpoints; unset: no callbacks.",
-       group="advanced"),
-    _s("INTERNAL_AUTH_TOKEN", help="Sent as X-Internal-Auth on every callback.", secret=True,
-       required_if=("CALLBACK_URL", "*"), group="advanced"),
-    _s("DEVICE", default="auto", help="auto, cpu, cuda, 0, 0,1, ..."),
-    _s("STORAGE_TYPE", default="minio", help="Object storage backend.", choices=STORAGE_TYPES,
-       group="advanced"),
-    _s("STORAGE_BUCKET", default="vision-platform", help="Bucket holding datasets, "
-       "checkpoints and artifacts.", group="advanced"),
-    _s("MINIO_ENDPOINT", help="MinIO endpoint URL.", required_if=("STORAGE_TYPE", "minio"),
-       group="advanced"),
-    _s("MINIO_ACCESS_KEY", help="MinIO access key.", secret=True,
-       required_if=("STORAGE_TYPE", "minio"), group="advanced"),
-    _s("MINIO_SECRET_KEY", help="MinIO secret key.", secret=True,
-       required_if=("STORAGE_TYPE", "minio"), group="advanced"),
-    _s("R2_ENDPOINT", help="Cloudflare R2 endpoint URL.", required_if=("STORAGE_TYPE", "r2"),
-       group="advanced"),
-    _s("R2_ACCESS_KEY_ID", help="R2 access key id.", secret=True,
-       required_if=("STORAGE_TYPE", "r2"), group="advanced"),
-    _s("R2_SECRET_ACCESS_KEY", help="R2 secret access key.", secret=True,
-       required_if=("STORAGE_TYPE", "r2"), group="advanced"),
-    _s("S3_ENDPOINT_URL", help="Endpoint for STORAGE_TYPE=s3 (credentials: the AWS_* chain).",
-       group="advanced"),
-    _s("LOCAL_STORAGE_ROOT", help="Folder that plays the bucket for STORAGE_TYPE=local.",
-       required_if=("STORAGE_TYPE", "local"), group="advanced"),
-    _s("MLFLOW_TRACKING_URI", help="MLflow tracking URI; unset: a local store in WORK_DIR.",
-       secret=True, group="advanced"),
-    _s("MLFLOW_EXPERIMENT_NAME", default="vision-platform", help="MLflow experiment.",
-       group="advanced"),
-    _s("WORK_DIR", help="Local scratch and outputs; default: <tmp>/vision-platform/job-<JOB_ID>.",
-       group="advanced"),
-    _s("CACHE_DIR", help="Dataset cache (keyed by ETag); default: WORK_DIR/cache.",
-       group="advanced"),
-    _s("DISK_BUDGET_MB", "int", help="Most disk the dataset may take; default: the free space.",
-       minimum=0, group="advanced"),
-    _s("SHUTDOWN_GRACE_S", "float", 30.0, "Seconds between SIGTERM and exit.", minimum=1,
-       group="advanced"),
-    _s("CALLBACK_FLUSH_S", "float", 15.0, "Most seconds spent at exit delivering callbacks.",
-       minimum=0, group="advanced"),
-    _s("TERMINATION_LOG", default="/dev/termination-log", help="Failure reason for Kubernetes "
-       "(written only when the file exists and is writable).", group="advanced"),
-    _s("LOG_LEVEL", default="INFO", help="Logging level.",
-       choices=("DEBUG", "INFO", "WARNING", "ERROR"), group="advanced"),
+    Setting("JOB_ID", help="The job's id; names its storage keys and MLflow run.",
+            required_if=("CALLBACK_URL", "*")),
+    Setting("TASK_TYPE", help="Task kind as the callbacks name it; default: from the "
+            "model/dataset.", choices=TASK_TYPES, group="advanced"),
+    Setting("CALLBACK_URL", help="Base URL of this job's callback endpoints; unset: no callbacks.",
+            group="advanced"),
+    Setting("INTERNAL_AUTH_TOKEN", help="Sent as X-Internal-Auth on every callback.", secret=True,
+            required_if=("CALLBACK_URL", "*"), group="advanced"),
+    Setting("DEVICE", default="auto", help="auto, cpu, cuda, 0, 0,1, ..."),
+    Setting("STORAGE_TYPE", default="minio", help="Object storage backend.", choices=STORAGE_TYPES,
+            group="advanced"),
+    Setting("STORAGE_BUCKET", default="vision-platform", help="Bucket holding datasets, "
+            "checkpoints and artifacts.", group="advanced"),
+    Setting("MINIO_ENDPOINT", help="MinIO endpoint URL.", required_if=("STORAGE_TYPE", "minio"),
+            group="advanced"),
+    Setting("MINIO_ACCESS_KEY", help="MinIO access key.", secret=True,
+            required_if=("STORAGE_TYPE", "minio"), group="advanced"),
+    Setting("MINIO_SECRET_KEY", help="MinIO secret key.", secret=True,
+            required_if=("STORAGE_TYPE", "minio"), group="advanced"),
+    Setting("R2_ENDPOINT", help="Cloudflare R2 endpoint URL.", required_if=("STORAGE_TYPE", "r2"),
+            group="advanced"),
+    Setting("R2_ACCESS_KEY_ID", help="R2 access key id.", secret=True,
+            required_if=("STORAGE_TYPE", "r2"), group="advanced"),
+    Setting("R2_SECRET_ACCESS_KEY", help="R2 secret access key.", secret=True,
+            required_if=("STORAGE_TYPE", "r2"), group="advanced"),
+    Setting("S3_ENDPOINT_URL", help="Endpoint for STORAGE_TYPE=s3 (credentials: the AWS_* chain).",
+            group="advanced"),
+    Setting("LOCAL_STORAGE_ROOT", help="Folder that plays the bucket for STORAGE_TYPE=local.",
+            required_if=("STORAGE_TYPE", "local"), group="advanced"),
+    Setting("MLFLOW_TRACKING_URI", help="MLflow tracking URI; unset: a local store in WORK_DIR.",
+            secret=True, group="advanced"),
+    Setting("MLFLOW_EXPERIMENT_NAME", default="vision-platform", help="MLflow experiment.",
+            group="advanced"),
+    Setting("WORK_DIR", help="Local scratch and outputs; default: "
+            "<tmp>/vision-platform/job-<JOB_ID>.", group="advanced"),
+    Setting("CACHE_DIR", help="Dataset cache (keyed by ETag); default: WORK_DIR/cache.",
+            group="advanced"),
+    Setting("DISK_BUDGET_MB", "int", help="Most disk the dataset may take; default: the free "
+            "space.", minimum=0, group="advanced"),
+    Setting("SHUTDOWN_GRACE_S", "float", 30.0, "Seconds between SIGTERM and exit.", minimum=1,
+            group="advanced"),
+    Setting("CALLBACK_FLUSH_S", "float", 15.0, "Most seconds spent at exit delivering callbacks.",
+            minimum=0, group="advanced"),
+    Setting("TERMINATION_LOG", default="/dev/termination-log", help="Failure reason for Kubernetes "
+            "(written only when the file exists and is writable).", group="advanced"),
+    Setting("LOG_LEVEL", default="INFO", help="Logging level.",
+            choices=("DEBUG", "INFO", "WARNING", "ERROR"), group="advanced"),
 )
 
 # Hyperparameters every trainer's train.py reads; a trainer changes defaults with `with_defaults`.
 TRAIN_SETTINGS: tuple[Setting, ...] = (
-    _s("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
-    _s("CHECKPOINT_PATH", help="Resume from an interrupted job's last.pt, or fine-tune from a "
-       "finished model (storage key or s3://bucket/key)."),
-    _s("MODEL_NAME", help="Framework model name."),
-    _s("PRETRAINED", "bool", True, "Start from pretrained weights (needs network access)."),
-    _s("EPOCHS", "int", 10, "Number of training epochs.", minimum=1),
-    _s("BATCH_SIZE", "int", 16, "Images per batch (per process).", minimum=1),
-    _s("LEARNING_RATE", "float", 0.001, "Initial learning rate.", minimum=0),
-    _s("IMAGE_SIZE", "int", 224, "Input image size in pixels.", minimum=8),
-    _s("NUM_WORKERS", "int", 2, "Data-loader worker processes.", minimum=0, group="advanced"),
-    _s("SEED", "int", 0, "Random seed.", group="advanced"),
-    _s("CHECKPOINT_EVERY", "int", 1, "Upload an epoch checkpoint every N epochs.", minimum=1,
-       group="advanced"),
-    _s("EXTRA_ARGS", "json", None, "Framework options as a JSON object, validated by the "
-       "framework's own option names.", group="advanced"),
+    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
+    Setting("CHECKPOINT_PATH", help="Resume from an interrupted job's last.pt, or fine-tune from a "
+            "finished model (storage key or s3://bucket/key)."),
+    Setting("MODEL_NAME", help="Framework model name."),
+    Setting("PRETRAINED", "bool", True, "Start from pretrained weights (needs network access)."),
+    Setting("EPOCHS", "int", 10, "Number of training epochs.", minimum=1),
+    Setting("BATCH_SIZE", "int", 16, "Images per batch (per process).", minimum=1),
+    Setting("LEARNING_RATE", "float", 0.001, "Initial learning rate.", minimum=0),
+    Setting("IMAGE_SIZE", "int", 224, "Input image size in pixels.", minimum=8),
+    Setting("NUM_WORKERS", "int", 2, "Data-loader worker processes.", minimum=0, group="advanced"),
+    Setting("SEED", "int", 0, "Random seed.", group="advanced"),
+    Setting("CHECKPOINT_EVERY", "int", 1, "Upload an epoch checkpoint every N epochs.", minimum=1,
+            group="advanced"),
+    Setting("EXTRA_ARGS", "json", None, "Framework options as a JSON object, validated by the "
+            "framework's own option names.", group="advanced"),
 )
 
 EVALUATE_SETTINGS: tuple[Setting, ...] = (
-    _s("CHECKPOINT_PATH", help="The checkpoint to evaluate.", required=True),
-    _s("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
-    _s("SPLIT", default="val", help="Dataset split to evaluate.", choices=("val", "test")),
-    _s("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
-    _s("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
-    _s("NUM_WORKERS", "int", 2, "Data-loader worker processes.", minimum=0, group="advanced"),
+    Setting("CHECKPOINT_PATH", help="The checkpoint to evaluate.", required=True),
+    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
+    Setting("SPLIT", default="val", help="Dataset split to evaluate.", choices=("val", "test")),
+    Setting("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
+    Setting("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
+    Setting("NUM_WORKERS", "int", 2, "Data-loader worker processes.", minimum=0, group="advanced"),
 )
 
 PREDICT_SETTINGS: tuple[Setting, ...] = (
-    _s("CHECKPOINT_PATH", help="The checkpoint to predict with.", required=True),
-    _s("INPUT_PATH", help="Storage key of an image, a .zip of images, or a prefix ending in /; "
-       "or a local file/folder.", required=True),
-    _s("CONF_THRESHOLD", "float", 0.25, "Minimum confidence kept.", minimum=0, maximum=1),
-    _s("IOU_THRESHOLD", "float", 0.7, "IoU threshold for non-maximum suppression.", minimum=0,
-       maximum=1),
-    _s("TOP_K", "int", 5, "Classes kept per image (classification).", minimum=1),
-    _s("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
-    _s("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
+    Setting("CHECKPOINT_PATH", help="The checkpoint to predict with.", required=True),
+    Setting("INPUT_PATH", help="Storage key of an image, a .zip of images, or a prefix ending "
+            "in /; or a local file/folder.", required=True),
+    Setting("CONF_THRESHOLD", "float", 0.25, "Minimum confidence kept.", minimum=0, maximum=1),
+    Setting("IOU_THRESHOLD", "float", 0.7, "IoU threshold for non-maximum suppression.", minimum=0,
+            maximum=1),
+    Setting("TOP_K", "int", 5, "Classes kept per image (classification).", minimum=1),
+    Setting("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
+    Setting("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
 )
 
 # A trainer with more formats than these two replaces EXPORT_FORMAT's choices in its export.py.
 EXPORT_SETTINGS: tuple[Setting, ...] = (
-    _s("CHECKPOINT_PATH", help="The checkpoint to export.", required=True),
-    _s("EXPORT_FORMAT", help="Format of the exported model.", required=True,
-       choices=("onnx", "torchscript")),
-    _s("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
-    _s("DYNAMIC_BATCH", "bool", False, "Accept any batch size (default: a fixed batch of 1).",
-       group="advanced"),
-    _s("HALF", "bool", False, "Export in float16 (needs a CUDA device).", group="advanced"),
-    _s("OPSET", "int", 17, "ONNX opset version (onnx only).", minimum=7, maximum=20,
-       group="advanced"),
+    Setting("CHECKPOINT_PATH", help="The checkpoint to export.", required=True),
+    Setting("EXPORT_FORMAT", help="Format of the exported model.", required=True,
+            choices=("onnx", "torchscript")),
+    Setting("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
+    Setting("DYNAMIC_BATCH", "bool", False, "Accept any batch size (default: a fixed batch of 1).",
+            group="advanced"),
+    Setting("HALF", "bool", False, "Export in float16 (needs a CUDA device).", group="advanced"),
+    Setting("OPSET", "int", 17, "ONNX opset version (onnx only).", minimum=7, maximum=20,
+            group="advanced"),
 )
+
+
+# Variables a job reads that are not settings: a launcher or a library owns them, so they have no
+# flag, no default of ours and no place in --help or the manifest. Read them through
+# `outside_env` (a name missing here is a bug), and only at the edge, like settings.
+OUTSIDE_ENV: dict[str, str] = {
+    "RANK": "torchrun: this process's global rank; only rank 0 reports, uploads and tracks.",
+    "LOCAL_RANK": "torchrun: the rank on this node; picks the GPU (and tells Ultralytics' "
+                  "train.py that torchrun, not the platform, launched it).",
+    "WORLD_SIZE": "torchrun: how many processes train together.",
+    "LOCAL_WORLD_SIZE": "torchrun: processes on this node; each gets its share of the CPU "
+                        "threads and data-loader workers.",
+    "TORCHELASTIC_RUN_ID": "torchrun: this launch's id; names the markers ranks share, so one "
+                           "left by an earlier launch is never taken for this one's.",
+    "HF_HOME": "Hugging Face Hub: its cache folder, where pretrained timm weights are looked up.",
+    "HF_HUB_OFFLINE": "Hugging Face Hub: set by a person to forbid downloads; the timm trainer "
+                      "sets it itself when the hub is unreachable or weights are not needed.",
+    "HF_ENDPOINT": "Hugging Face Hub: a mirror to download pretrained weights from.",
+    "YOLO_CONFIG_DIR": "Ultralytics: its settings folder, which the Ultralytics trainer points "
+                       "at the job's work dir before importing it (read back to catch an "
+                       "import that came first).",
+}
+
+
+def outside_env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of a variable declared in OUTSIDE_ENV (None when unset or empty)."""
+    if name not in OUTSIDE_ENV:
+        raise KeyError(f"{name} is not declared in OUTSIDE_ENV")
+    value = (os.environ if environ is None else environ).get(name)
+    return value if value not in (None, "") else None
 
 
 def with_defaults(settings: Sequence[Setting], **defaults: Any) -> tuple[Setting, ...]:
@@ -490,11 +526,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
-# -- the capabilities manifest ---------------------------------------------------------------------
+# =============================================================================================
+# 3. Capabilities manifest and the pre-launch job validator
+# =============================================================================================
+
 # What a trainer can do, generated from code: its own declarations (capabilities.py) plus every
 # script's settings table as JSON Schema. `python train.py --capabilities` prints it; tools/sync.py
 # keeps the committed capabilities.json current. The platform's UI builds forms from it and calls
 # `validate_job_settings` before it launches a job.
+#
+# `validate_job_settings` never runs inside a job: it is the platform's code, vendored here on
+# purpose. It checks a job's values with the very `Setting.convert` the job will parse them with,
+# so the platform's pre-check and the job cannot disagree; any trainer's copy is the platform's
+# importable validator (standard library only), and the sync tool keeps every copy identical.
 
 MANIFEST_VERSION = 1
 SCRIPTS = ("train", "evaluate", "predict", "export")
@@ -878,7 +922,7 @@ def _model_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
 
 
 # =============================================================================================
-# 3. Storage
+# 4. Storage
 # =============================================================================================
 
 _DATASET_ID = re.compile(r"^[\w][\w.\-]*$")
@@ -1127,6 +1171,10 @@ class _Progress:
         if self._bar is not None:
             self._bar.close()
 
+
+# =============================================================================================
+# 5. Dataset staging
+# =============================================================================================
 
 def _member_problem(info: zipfile.ZipInfo) -> str | None:
     name = info.filename.replace("\\", "/")
@@ -1469,6 +1517,8 @@ def stage_inputs(storage: Storage, input_path: str, dest: Path) -> list[Path]:
     return images
 
 
+# -- files written atomically: checkpoints, export archives, staged objects ------------------
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it replaces `dest` in one step."""
@@ -1527,7 +1577,7 @@ def write_export_archive(dest: Path, files: Mapping[str, Path],
 
 
 # =============================================================================================
-# 4. Background delivery
+# 6. Background delivery
 # =============================================================================================
 
 
@@ -1664,7 +1714,7 @@ class Uploader:
 
 
 # =============================================================================================
-# 5. Callbacks
+# 7. Callbacks
 # =============================================================================================
 
 _RETRY_STATUS = {408, 429}
@@ -1898,7 +1948,7 @@ class ValidationResult:
 
 
 # =============================================================================================
-# 6. MLflow
+# 8. MLflow
 # =============================================================================================
 
 
@@ -1907,13 +1957,47 @@ def mlflow_metric_name(name: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", name).strip("_") or "metric"
 
 
+class NullTracker:
+    """The tracker of a job that tracks nothing (not rank 0, predict/export, or MLflow off):
+    every call is a no-op, so the job's code has no `if tracker` branches."""
+
+    experiment_id: str | None = None
+    run_id: str | None = None
+    disabled_reason: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def end(self, status: str, timeout: float) -> None:
+        pass
+
+
+def _served(tracking_uri: str) -> bool:
+    """Whether a tracking server stores the artifacts (its own artifact store), rather than
+    MLflow in this process (a sqlite/SQL database or a file store)."""
+    return tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
 class Tracker:
-    """One MLflow run per job. Best-effort: an unreachable server costs one warning."""
+    """One MLflow run per job. Best-effort: an unreachable server costs one warning.
+
+    The store is never the current folder: without MLFLOW_TRACKING_URI it is WORK_DIR/mlflow.db,
+    and an experiment this job creates keeps its artifacts under WORK_DIR/mlruns unless a
+    tracking server stores them (MLflow's default, `./mlruns` of the current folder, would write
+    into the code folder, read-only in an image).
+    """
 
     def __init__(self, tracking_uri: str | None, experiment: str, work_dir: Path):
         self.local = not tracking_uri
         self.tracking_uri = tracking_uri or f"sqlite:///{work_dir / 'mlflow.db'}"
-        self.artifact_location = (work_dir / "mlruns").as_uri() if self.local else None
+        self.artifact_location = (None if _served(self.tracking_uri)
+                                  else (work_dir / "mlruns").as_uri())
         self.experiment, self.work_dir = experiment, work_dir
         self.client = None
         self.run_id: str | None = None
@@ -2001,7 +2085,7 @@ class Tracker:
 
 
 # =============================================================================================
-# 7. Job lifecycle
+# 9. Job lifecycle
 # =============================================================================================
 
 _NOISY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alembic", "PIL",
@@ -2087,7 +2171,7 @@ class Job:
             cfg.callback_url if self.is_main else None, cfg.internal_auth_token, cfg.job_id,
             journal, on_cancel=self.cancel_requested.set)
         self.uploads = Uploader(self.storage, self.work_dir / ".upload-staging")
-        self.tracker: Tracker | None = None
+        self.tracker: Tracker | NullTracker = NullTracker()  # a real one from start(), if any
         self.last_checkpoint: Path | None = None
         self.last_uploaded_epoch: int | None = None
         self.best_checkpoint_uri: str | None = None
@@ -2148,17 +2232,14 @@ class Job:
                 continue
             name = f"{subdir.strip('/')}/{path.name}" if subdir else path.name
             uris.append(self.upload(path, self.artifact_key(name), background=True))
-            if self.tracker:
-                self.tracker.log_artifact(path, subdir or None)
+            self.tracker.log_artifact(path, subdir or None)
         return uris
 
     # -- reporting -----------------------------------------------------------------------------
     def notify_status(self, status: str, error: str | None = None, **fields: Any) -> None:
-        tracker = self.tracker
         body = {"status": status, "error": error, "progress": self.progress,
-                "updated_at": _utc_now(),
-                "mlflow_experiment_id": tracker.experiment_id if tracker else None,
-                "mlflow_run_id": tracker.run_id if tracker else None, **fields}
+                "updated_at": _utc_now(), "mlflow_experiment_id": self.tracker.experiment_id,
+                "mlflow_run_id": self.tracker.run_id, **fields}
         self.callbacks.send("PATCH", "status", body)
 
     def send_training_metrics(self, epoch: int, metrics: TrainingMetrics,
@@ -2174,8 +2255,7 @@ class Job:
         self.callbacks.send("POST", "validation-results", body)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        if self.tracker:
-            self.tracker.log_metrics(metrics, step)
+        self.tracker.log_metrics(metrics, step)
 
     def start_epoch(self) -> None:
         self._epoch_started = time.monotonic()
@@ -2237,17 +2317,16 @@ class Job:
         if self.kind == "train":
             self._continue_earlier_attempt()
         if self.is_main and self.kind in ("train", "evaluate"):
-            self.tracker = Tracker(self.cfg.mlflow_tracking_uri, self.cfg.mlflow_experiment_name,
-                                   self.work_dir)
+            tracker = Tracker(self.cfg.mlflow_tracking_uri, self.cfg.mlflow_experiment_name,
+                              self.work_dir)
             prefix = "job" if self.kind == "train" else "eval"
             tags = {"job_id": self.job_id, "dataset_id": str(self.cfg.get("DATASET_ID") or ""),
                     "framework": self.framework, "model_name": str(
                         getattr(self.cfg, "model_name", "") or ""), "job_kind": self.kind}
-            if self.tracker.start(run_name or f"{prefix}-{self.job_id}", tags):
+            if tracker.start(run_name or f"{prefix}-{self.job_id}", tags):
+                self.tracker = tracker
                 self.tracker.log_params({k: v for k, v in self.cfg.redacted().items()
                                          if not self.cfg._settings[k].secret})
-            else:
-                self.tracker = None
         self.notify_status("running")
 
     def _continue_earlier_attempt(self) -> None:
@@ -2317,9 +2396,8 @@ class Job:
         if result is not None:
             fields = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path}
             self.progress = 100.0
-        if self.tracker:
-            mlflow_status = {"completed": "FINISHED", "cancelled": "KILLED"}.get(outcome, "FAILED")
-            self.tracker.end(mlflow_status, max(min(deadline - time.monotonic(), 10.0), 0.1))
+        mlflow_status = {"completed": "FINISHED", "cancelled": "KILLED"}.get(outcome, "FAILED")
+        self.tracker.end(mlflow_status, max(min(deadline - time.monotonic(), 10.0), 0.1))
         self.notify_status(outcome, error, **fields)
         self._upload_journal(deadline)
         self.callbacks.close(max(deadline - time.monotonic(), 0.1))
@@ -2486,7 +2564,124 @@ def exit_process(code: int) -> None:
 
 
 # =============================================================================================
-# 8. The seed's names, bound to the running job
+# 10. Results: the metrics and export envelope every trainer shares
+# =============================================================================================
+# The platform compares these across trainers, so they are contract, not framework code: a
+# trainer computes its confusion matrix, exports and verifies its model (its own code), then
+# hands the rest to these functions.
+
+
+def classification_metrics(confusion: Any, class_names: Sequence[str], top5_correct: int,
+                           ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """(metrics, per_class_metrics) under the platform's names, from a confusion matrix.
+
+    `confusion`: counts, rows = true class, columns = predicted class, in class-id order;
+    `top5_correct`: how many images had their class among the five highest scores. Precision,
+    recall and F1 are macro averages over the classes present in the split (support > 0); a class
+    never predicted has precision 0. numpy only, which every trainer has.
+    """
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    total = counts.sum()
+    true_pos = np.diag(counts)
+    support = counts.sum(axis=1)
+    predicted = counts.sum(axis=0)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
+    present = support > 0
+    metrics = {
+        "accuracy": float(true_pos.sum() / total) if total else 0.0,
+        "top5_accuracy": float(top5_correct / total) if total else 0.0,
+        "precision": float(precision[present].mean()) if present.any() else 0.0,
+        "recall": float(recall[present].mean()) if present.any() else 0.0,
+        "f1_score": float(f1[present].mean()) if present.any() else 0.0,
+    }
+    per_class = {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]),
+               "f1_score": float(f1[i]), "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    }
+    return metrics, per_class
+
+
+# -- exported models: metadata.json (schemas/export-metadata.schema.json), archive, upload ------
+
+EXPORT_METADATA_VERSION = 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_metadata(job: Job, fmt: ExportFormat, capabilities: Capabilities, *, source: Path,
+                    task_type: str, class_names: Sequence[str], input_name: str,
+                    input_shape: Sequence[int], outputs: Sequence[Mapping[str, Any]],
+                    preprocessing: Mapping[str, Any], checkpoint: Mapping[str, Any],
+                    exporter: Mapping[str, Any], verification: Mapping[str, Any],
+                    framework: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """metadata.json: everything a deployment needs besides the model file itself.
+
+    The trainer says what only it knows: the task, class names, input shape (batch -1: any),
+    outputs (dtype is added), preprocessing, what the source checkpoint is (`checkpoint`: format,
+    model_name, epoch, ...; its path and sha256 are added), what exported and verified the model,
+    and `framework` fields beyond name, package and version. The envelope is the contract's.
+    """
+    cfg = job.cfg
+    dtype = "float16" if cfg.half else "float32"
+    return {
+        "metadata_version": EXPORT_METADATA_VERSION,
+        "format": fmt.name,
+        "file": fmt.file,
+        "task_type": task_type,
+        "class_names": list(class_names),
+        "input": {"name": input_name, "shape": list(input_shape), "dtype": dtype,
+                  "layout": "NCHW"},
+        "outputs": [{**output, "dtype": dtype} for output in outputs],
+        "preprocessing": dict(preprocessing),
+        "source_checkpoint": {"path": cfg.checkpoint_path, "sha256": file_sha256(source),
+                              **checkpoint},
+        "trainer": job.framework,
+        "framework": {"name": capabilities.framework, "package": capabilities.package,
+                      "version": installed_version(capabilities.package), **(framework or {})},
+        "exporter": dict(exporter),
+        "verification": dict(verification),
+        "dynamic_batch": cfg.dynamic_batch,
+        "half": cfg.half,
+        "job_id": job.job_id,
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_export(job: Job, fmt: ExportFormat, model_file: Path,
+                 metadata: Mapping[str, Any]) -> Path:
+    """The archive `export-{EXPORT_FORMAT}.zip` (model + metadata.json) in the work dir."""
+    return write_export_archive(job.work_dir / "export" / f"export-{fmt.name}.zip",
+                                {fmt.file: model_file}, metadata)
+
+
+def publish_export(job: Job, fmt: ExportFormat, archive: Path,
+                   verification: Mapping[str, Any]) -> JobResult:
+    """Upload the archive to artifacts/job-{JOB_ID}/export/, print its URI (stdout: the
+    result), and the job's result: the verification's largest difference when it ran."""
+    uri = job.upload(archive, job.artifact_key(f"export/{archive.name}"))
+    log.info("exported %s to %s (%.1f MB)", fmt.name, uri, archive.stat().st_size / 2**20)
+    print(uri, flush=True)
+    checked = verification["status"] == "passed"
+    return JobResult(metrics={"max_abs_diff": verification["max_abs_diff"]} if checked else {})
+
+
+# =============================================================================================
+# 11. The seed's names, bound to the running job
 # =============================================================================================
 
 
@@ -2530,12 +2725,12 @@ def start_experiment(experiment_name: str | None = None, run_name: str | None = 
                      tags: Mapping[str, str] | None = None) -> str | None:
     """Start (or return) the job's MLflow run; `run_job` already did for train/evaluate."""
     job = _job()
-    if job.tracker is None and job.is_main:
+    if isinstance(job.tracker, NullTracker) and job.is_main:
         tracker = Tracker(job.cfg.mlflow_tracking_uri,
                           experiment_name or job.cfg.mlflow_experiment_name, job.work_dir)
         if tracker.start(run_name or f"job-{job.job_id}", dict(tags or {})):
             job.tracker = tracker
-    return job.tracker.run_id if job.tracker else None
+    return job.tracker.run_id
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -2544,12 +2739,9 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
 
 def log_params(params: Mapping[str, Any]) -> None:
     job = _job()
-    if job.tracker:
-        secret = {n for n, s in job.cfg._settings.items() if s.secret}
-        job.tracker.log_params({k: v for k, v in params.items() if k not in secret})
+    secret = {n for n, s in job.cfg._settings.items() if s.secret}
+    job.tracker.log_params({k: v for k, v in params.items() if k not in secret})
 
 
 def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
-    job = _job()
-    if job.tracker:
-        job.tracker.log_artifact(path, artifact_path)
+    _job().tracker.log_artifact(path, artifact_path)

@@ -18,6 +18,7 @@ the whole script; torchrun sets RANK/LOCAL_RANK/WORLD_SIZE, and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 
 def gpu_count(device: str | None) -> int:
@@ -43,7 +46,7 @@ def processes_to_launch(settings: Sequence[utils.Setting], argv: Sequence[str] |
     this process is not a torchrun worker already; else 0. Settings that do not parse are left
     to `run_job`, which reports them."""
     environ = os.environ if environ is None else environ
-    if "LOCAL_RANK" in environ:
+    if utils.outside_env("LOCAL_RANK", environ) is not None:
         return 0
     try:
         cfg = utils.parse_settings(utils.merge_settings(utils.PLATFORM_SETTINGS, settings), argv,
@@ -62,7 +65,7 @@ def launch_command(script: Path, argv: Sequence[str], processes: int) -> list[st
 def relaunch_under_torchrun(script: Path, argv: Sequence[str], processes: int) -> None:
     """Replace this process with torchrun running `script` once per GPU (never returns)."""
     command = launch_command(script, argv, processes)
-    utils.log.info("DEVICE names %d GPUs: relaunching under torchrun (%s)", processes,
+    log.info("DEVICE names %d GPUs: relaunching under torchrun (%s)", processes,
                    " ".join(command[1:5]))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -78,7 +81,7 @@ def rank_zero_first(job: utils.Job, name: str, produce: Callable[[], str], *,
     """
     if job.world_size <= 1:
         return produce()
-    run_id = (environ if environ is not None else os.environ).get("TORCHELASTIC_RUN_ID", "run")
+    run_id = utils.outside_env("TORCHELASTIC_RUN_ID", environ) or "run"
     marker = job.work_dir / f".rank0-{name}-{run_id}.json"
     if job.is_main:
         value = produce()

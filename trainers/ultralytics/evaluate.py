@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 FRAMEWORK = "ultralytics"
 SETTINGS = utils.with_defaults(utils.EVALUATE_SETTINGS, NUM_WORKERS=8)
@@ -73,10 +76,10 @@ def run_validation(job: utils.Job):
         batch=cfg.batch_size, device=device, workers=cfg.num_workers, save_dir=str(out_dir),
         plots=True, save_json=False, verbose=True)
     result = validation_result(info.task, metrics, info.class_names)
-    utils.log.info("%s on %s: %s %.4f", info.path.name, cfg.split, result.primary_metric_name,
+    log.info("%s on %s: %s %.4f", info.path.name, cfg.split, result.primary_metric_name,
                    result.primary_metric_value)
     return info, result, Path(out_dir)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    utils.exit_process(main())

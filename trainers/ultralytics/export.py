@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import hashlib
 import importlib.util
 import shutil
 import sys
@@ -56,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def export(job: utils.Job) -> utils.JobResult:
     with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints its progress to stdout
         fmt, archive, verification = build_archive(job)
-    uri = job.upload(archive, job.artifact_key(f"export/{archive.name}"))
-    utils.log.info("exported %s to %s (%.1f MB)", fmt.name, uri, archive.stat().st_size / 2**20)
-    print(uri)
-    checked = verification["status"] == "passed"
-    return utils.JobResult(metrics={"max_abs_diff": verification["max_abs_diff"]} if checked
-                           else {})
+    return utils.publish_export(job, fmt, archive, verification)
 
 
 def build_archive(job: utils.Job) -> tuple[utils.ExportFormat, Path, dict[str, Any]]:
@@ -87,8 +80,7 @@ def build_archive(job: utils.Job) -> tuple[utils.ExportFormat, Path, dict[str, A
         verification = verify(fmt.name, exported, images, expected, half=cfg.half)
         shapes = [[-1 if cfg.dynamic_batch else 1, *e.shape[1:]] for e in expected]
         metadata = describe(job, fmt, info, source, size, shapes, exporter, verification)
-        archive = utils.write_export_archive(job.work_dir / "export" / f"export-{fmt.name}.zip",
-                                             {fmt.file: exported}, metadata)
+        archive = utils.write_export(job, fmt, exported, metadata)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return fmt, archive, verification
@@ -284,43 +276,18 @@ def preprocessing(task: str, size: int) -> dict[str, Any]:
 def describe(job: utils.Job, fmt: utils.ExportFormat, info: Any, source: Path, size: int,
              shapes: list[list[int]], exporter: dict[str, Any], verification: dict[str, Any]
              ) -> dict[str, Any]:
-    """metadata.json: everything a deployment needs besides the model file itself."""
+    """metadata.json (utils.export_metadata) with what this trainer's model takes and returns."""
     from capabilities import CAPABILITIES
 
-    cfg = job.cfg
-    dtype = "float16" if cfg.half else "float32"
-    outputs = describe_outputs(info.task, shapes, len(info.class_names))
-    return {
-        "metadata_version": 1,
-        "format": fmt.name,
-        "file": fmt.file,
-        "task_type": info.task_type,
-        "class_names": list(info.class_names),
-        "input": {"name": INPUT_NAME, "shape": [-1 if cfg.dynamic_batch else 1, 3, size, size],
-                  "dtype": dtype, "layout": "NCHW"},
-        "outputs": [{**output, "dtype": dtype} for output in outputs],
-        "preprocessing": preprocessing(info.task, size),
-        "source_checkpoint": {"path": cfg.checkpoint_path, "sha256": sha256(source),
-                              "format": "ultralytics", "model_name": info.model_name,
-                              "epoch": info.trained_epochs},
-        "trainer": FRAMEWORK,
-        "framework": {"name": CAPABILITIES.framework, "package": CAPABILITIES.package,
-                      "version": utils.installed_version(CAPABILITIES.package)},
-        "exporter": exporter,
-        "verification": verification,
-        "dynamic_batch": cfg.dynamic_batch,
-        "half": cfg.half,
-        "job_id": job.job_id,
-        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return utils.export_metadata(
+        job, fmt, CAPABILITIES, source=source, task_type=info.task_type,
+        class_names=info.class_names, input_name=INPUT_NAME,
+        input_shape=[-1 if job.cfg.dynamic_batch else 1, 3, size, size],
+        outputs=describe_outputs(info.task, shapes, len(info.class_names)),
+        preprocessing=preprocessing(info.task, size),
+        checkpoint={"format": "ultralytics", "model_name": info.model_name,
+                    "epoch": info.trained_epochs},
+        exporter=exporter, verification=verification)
 
 
 if __name__ == "__main__":

@@ -121,25 +121,15 @@ def pr_curves(metric: Any, class_names: list[str]) -> dict[str, Any] | None:
 
 def classification(metrics: Any, class_names: list[str]) -> tuple[
         dict[str, float], dict[str, dict[str, float]], list[list[int]] | None]:
-    values = {"accuracy": float(metrics.top1), "top5_accuracy": float(metrics.top5),
-              "precision": 0.0, "recall": 0.0, "f1_score": 0.0}
+    """The contract's classification metrics (utils.classification_metrics) from Ultralytics'
+    confusion matrix and top-5 accuracy; without a matrix, only top-1 and top-5 accuracy."""
     confusion = confusion_rows(metrics)
-    per_class = {name: {"precision": 0.0, "recall": 0.0, "f1_score": 0.0, "support": 0}
-                 for name in class_names}
     if confusion is None:
-        return values, per_class, None
-    counts = np.asarray(confusion, dtype=np.float64)
-    true_pos = np.diag(counts)
-    support, predicted = counts.sum(axis=1), counts.sum(axis=0)
-    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
-    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
-    total = precision + recall
-    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(true_pos), where=total > 0)
-    present = support > 0  # macro averages over the classes this split contains
-    if present.any():
-        values.update(precision=float(precision[present].mean()),
-                      recall=float(recall[present].mean()), f1_score=float(f1[present].mean()))
-    for i, name in enumerate(class_names):
-        per_class[name] = {"precision": float(precision[i]), "recall": float(recall[i]),
-                           "f1_score": float(f1[i]), "support": int(support[i])}
+        values = {"accuracy": float(metrics.top1), "top5_accuracy": float(metrics.top5),
+                  "precision": 0.0, "recall": 0.0, "f1_score": 0.0}
+        return values, {name: {"precision": 0.0, "recall": 0.0, "f1_score": 0.0, "support": 0}
+                        for name in class_names}, None
+    images = int(np.asarray(confusion).sum())
+    values, per_class = utils.classification_metrics(
+        confusion, class_names, top5_correct=round(float(metrics.top5) * images))
     return values, per_class, confusion

@@ -9,11 +9,14 @@ epoch is an interrupted run and is resumed; a finished (stripped) model is fine-
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 # The platform's task names and Ultralytics' own, for the tasks this trainer trains.
 TASKS = {
@@ -102,7 +105,7 @@ def pretrained_weights(spec: ModelSpec, weights_dir: Path, *, offline: bool) -> 
         raise utils.ConfigError(f"PRETRAINED=true: Ultralytics publishes no {spec.weights}: "
                                 f"{advice}")
     weights_dir.mkdir(parents=True, exist_ok=True)
-    utils.log.info("downloading pretrained weights %s to %s", spec.weights, weights_dir)
+    log.info("downloading pretrained weights %s to %s", spec.weights, weights_dir)
     try:
         attempt_download_asset(str(path))
     except OSError as exc:  # ConnectionError: offline, DNS, refused, HTTP error

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 FRAMEWORK = "ultralytics"
 SETTINGS = utils.PREDICT_SETTINGS
@@ -75,7 +78,7 @@ def run_predictions(job: utils.Job):
             save_annotated(result, picture)
             predictions.append({"image": names[path], "annotated": picture.name, **entry})
             annotated.append(picture)
-    utils.log.info("%d images predicted", len(predictions))
+    log.info("%d images predicted", len(predictions))
     return info, predictions, annotated
 
 
@@ -130,4 +133,4 @@ def save_annotated(result: Any, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    utils.exit_process(main())

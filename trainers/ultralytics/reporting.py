@@ -10,12 +10,15 @@ call has no training epoch before it, so it is kept as the final result instead 
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import metrics as metric_names
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 
 def platform_trainer(base: type, task: str) -> type:
@@ -75,7 +78,7 @@ class EpochReporter:
         self.epochs_reported.append(epoch)
         if is_best:
             self.best_epoch = epoch
-        utils.log.info("epoch %d/%d: loss %.4f, %s %.4f%s", epoch, trainer.epochs,
+        log.info("epoch %d/%d: loss %.4f, %s %.4f%s", epoch, trainer.epochs,
                        training.loss or 0.0, result.primary_metric_name,
                        result.primary_metric_value, " (best)" if is_best else "")
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import utils
 
+log = logging.getLogger(f"trainer.{__name__}")
+
 INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")  # the names Ultralytics' plots ask for
 
@@ -50,7 +52,7 @@ def prepare(work_dir: Path, weights_dir: Path, *, cpu_threads: int | None = None
             offline: bool = False, rank: int = 0) -> None:
     """Set Ultralytics' environment and settings for this job; call before importing it."""
     private = config_dir(work_dir, rank)
-    if "ultralytics" in sys.modules and os.environ.get("YOLO_CONFIG_DIR") != str(private):
+    if "ultralytics" in sys.modules and utils.outside_env("YOLO_CONFIG_DIR") != str(private):
         raise RuntimeError("ultralytics was imported before runtime.prepare(): its config dir, "
                            "offline mode and integrations can no longer be set")
     user_dir = private / "Ultralytics"
@@ -102,7 +104,7 @@ def skip_amp_check_download(weights_dir: Path) -> None:
     import ultralytics.engine.trainer as engine
 
     def check_amp_offline(model) -> bool:
-        utils.log.warning("AMP self-test skipped (OFFLINE=true and no yolo26n.pt in %s); "
+        log.warning("AMP self-test skipped (OFFLINE=true and no yolo26n.pt in %s); "
                           "AMP stays on", weights_dir)
         return True
 

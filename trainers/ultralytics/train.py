@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 import distributed
 
 import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
 
 FRAMEWORK = "ultralytics"
 OPTIMIZERS = ("AdamW", "Adam", "Adamax", "NAdam", "RAdam", "RMSprop", "SGD", "MuSGD", "auto")
@@ -92,7 +95,7 @@ def fit(job: utils.Job):
     save_dir = job.work_dir / "ultralytics" / "train"
     if start.resume:
         if extra:
-            utils.log.warning("EXTRA_ARGS ignored: a resumed run keeps its own arguments")
+            log.warning("EXTRA_ARGS ignored: a resumed run keeps its own arguments")
         restore_results_csv(start.checkpoint.train_results, save_dir / "results.csv")
         arguments = options.resume_arguments(cfg, data=dataset.data, device=device,
                                              save_dir=save_dir)
@@ -139,13 +142,13 @@ def choose_start(job: utils.Job, spec, weights_dir: Path) -> Start:
                                 f"{info.task_type} model")
     finished = not info.resumable or info.trained_epochs >= (info.total_epochs or 0)
     if finished:
-        utils.log.info("fine-tuning %s, a finished %s model (%d epochs)", path.name,
+        log.info("fine-tuning %s, a finished %s model (%d epochs)", path.name,
                        info.task, info.trained_epochs)
         return Start(str(path), info.task, info)
-    utils.log.info("resuming %s after epoch %d of %d (its hyperparameters stand)", path.name,
+    log.info("resuming %s after epoch %d of %d (its hyperparameters stand)", path.name,
                    info.trained_epochs, info.total_epochs)
     if cfg.epochs != info.total_epochs:
-        utils.log.warning("EPOCHS=%d ignored: the interrupted run continues to its %d epochs",
+        log.warning("EPOCHS=%d ignored: the interrupted run continues to its %d epochs",
                           cfg.epochs, info.total_epochs)
     return Start(str(path), info.task, info, resume=True)
 
@@ -202,4 +205,4 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    utils.exit_process(main())
