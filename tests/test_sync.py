@@ -154,7 +154,7 @@ def test_an_unrenderable_trainer_is_a_render_error(repo: Path) -> None:
     result = sync(repo, "--check")
     assert result.returncode == 2
     assert states(result.stdout)["alpha"].startswith("render error")
-    assert "slug must match" in result.stdout
+    assert 'slug "Not_Valid" must match ^[a-z0-9-]+$' in result.stdout
     assert states(result.stdout)["beta-2"] == "in sync"
 
 
