@@ -259,7 +259,7 @@ SETTINGS_BLOCK_PREFIX = "settings-"  # settings-train: train.py's SETTINGS, in a
 # tests/test_reports.py checks that their rows still name today's trainers and scenarios.
 MEASURED_BLOCKS = {
     "bench": "python tools/bench.py --markdown docs/benchmarks.md",
-    "reliability": "CONFORMANCE_REPORT=docs/conformance.md pytest tests/conformance",
+    "reliability": "CONFORMANCE_REPORT=docs/conformance.md python -m pytest tests/conformance",
 }
 
 
