@@ -116,6 +116,28 @@ def test_trainer_pins_torch(trainer: Path) -> None:
     assert pins[canonicalize_name("torch")][1].startswith("=="), "torch must be pinned exactly"
 
 
+def pixi_line(name: str, spec) -> str:
+    """One [pypi-dependencies] entry as it is written in a manifest."""
+    if isinstance(spec, str):
+        return f"{name} = {json.dumps(spec)}"
+    inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in spec.items())
+    return f"{name} = {{ {inner} }}"
+
+
+def lines_to_add_for(trainer: Path, root_pixi: dict) -> list[str]:
+    """The root pixi.toml lines a trainer's dependencies still need, spelled as it spells them."""
+    table = load_toml(trainer / "pixi.toml").get("pypi-dependencies", {})
+    return [pixi_line(name, spec) for name, spec in table.items()
+            if canonicalize_name(name) not in root_pixi]
+
+
+def test_root_requirements_include_every_trainer() -> None:
+    lines = {line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()}
+    missing = [f"-r {rel(t)}/requirements.txt" for t in TRAINERS
+               if f"-r {rel(t)}/requirements.txt" not in lines]
+    assert not missing, "add to the root requirements.txt:\n  " + "\n  ".join(missing)
+
+
 def test_root_environment_is_tooling_plus_every_trainer() -> None:
     expected = pip_requirements(REPO / "requirements-dev.txt")
     for trainer in TRAINERS:
@@ -125,6 +147,9 @@ def test_root_environment_is_tooling_plus_every_trainer() -> None:
                 "the root environment cannot hold both")
             expected[name] = value
     root_pixi = pixi_requirements(load_toml(REPO / "pixi.toml")["pypi-dependencies"])
+    to_add = [line for t in TRAINERS for line in lines_to_add_for(t, root_pixi)]
+    assert not to_add, ("add to [pypi-dependencies] of the root pixi.toml:\n  "
+                        + "\n  ".join(dict.fromkeys(to_add)))
     assert root_pixi == expected, (
         "pixi.toml [pypi-dependencies] must be requirements-dev.txt + trainers/*/requirements.txt;"
         f" missing {sorted(set(expected) - set(root_pixi))}, extra "
@@ -132,3 +157,11 @@ def test_root_environment_is_tooling_plus_every_trainer() -> None:
         f"{sorted(n for n in set(expected) & set(root_pixi) if expected[n] != root_pixi[n])}")
     assert pip_requirements(REPO / "requirements.txt") == expected, (
         "requirements.txt must include requirements-dev.txt and every trainer's requirements")
+
+
+def test_the_missing_lines_are_named_as_written(tmp_path: Path) -> None:
+    (tmp_path / "pixi.toml").write_text(
+        '[pypi-dependencies]\nnew-lib = { version = "==1.0", extras = ["x"] }\n'
+        'torch = "==2.14.1"\n')
+    root = pixi_requirements({"torch": "==2.14.1"})
+    assert lines_to_add_for(tmp_path, root) == ['new-lib = { version = "==1.0", extras = ["x"] }']

@@ -121,3 +121,43 @@ def test_run_task_follows_a_nested_pixi_run(tmp_path: Path) -> None:
 def test_run_task_names_an_unknown_task() -> None:
     result = run_task(REPO / "pixi.toml", "no-such-task")
     assert result.returncode == 2 and "has no task 'no-such-task'" in result.stderr
+
+
+def run_task_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools/run_task.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_task_uses_the_manifest_nearest_the_current_folder(tmp_path: Path) -> None:
+    deep = tmp_path / "trainers" / "alpha" / "sub"
+    deep.mkdir(parents=True)
+    (tmp_path / "pixi.toml").write_text('[tasks]\nwho = "echo root > $OUT"\n')
+    (tmp_path / "trainers" / "alpha" / "pixi.toml").write_text(
+        '[tasks]\nwho = { cmd = "echo alpha > $OUT", description = "alpha\'s own" }\n')
+    out = tmp_path / "out"
+    assert run_task_in(deep, "--env", f"OUT={out}", "who").returncode == 0
+    assert out.read_text().strip() == "alpha", "the nearest pixi.toml is the trainer's"
+    assert run_task_in(deep, "--env", f"OUT={out}", "--manifest-path",
+                       str(tmp_path / "pixi.toml"), "who").returncode == 0
+    assert out.read_text().strip() == "root", "--manifest-path wins"
+    nowhere = run_task_in(tmp_path.parent, "who")
+    assert nowhere.returncode == 2 and "no pixi.toml in" in nowhere.stderr
+
+
+def test_run_task_without_a_task_lists_the_tasks() -> None:
+    listing = run_task_in(REPO / "trainers" / "timm")
+    assert listing.returncode == 0, listing.stderr
+    assert "trainers/timm/pixi.toml" in listing.stdout
+    timm_train = next(line for line in listing.stdout.splitlines() if line.split()[:1] == ["train"])
+    assert "timm" in timm_train, "each task is listed with its description"
+    assert "usage" not in listing.stderr and "required" not in listing.stderr
+
+
+def test_run_task_passes_arguments_on_without_repeating_a_flag(tmp_path: Path) -> None:
+    (tmp_path / "pixi.toml").write_text(
+        '[tasks]\ntest = "python -m pytest -q -p no:cacheprovider"\n')
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n\n"
+                                          "def test_other():\n    pass\n")
+    result = run_task_in(tmp_path, "test", "--", "-q", "-k", "other", "test_one.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed, 1 deselected" in result.stdout, "pytest's closing line is still shown"

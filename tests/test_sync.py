@@ -154,7 +154,7 @@ def test_an_unrenderable_trainer_is_a_render_error(repo: Path) -> None:
     result = sync(repo, "--check")
     assert result.returncode == 2
     assert states(result.stdout)["alpha"].startswith("render error")
-    assert "slug must match" in result.stdout
+    assert 'slug "Not_Valid" must match ^[a-z0-9-]+$' in result.stdout
     assert states(result.stdout)["beta-2"] == "in sync"
 
 
@@ -163,3 +163,47 @@ def test_folders_without_answers_are_not_trainers(repo: Path) -> None:
     (repo / "trainers/notes/utils.py").write_text("anything\n")
     result = sync(repo, "--check")
     assert result.returncode == 0 and "notes" not in result.stdout
+
+
+def block(name: str, body: str = "") -> str:
+    return (f"<!-- generated:{name} by `python tools/sync.py` -->\n{body}"
+            f"<!-- /generated:{name} -->\n")
+
+
+def test_a_trainer_readme_settings_table_is_regenerated_and_checked(repo: Path) -> None:
+    readme = repo / "trainers/alpha/README.md"
+    readme.write_text("# alpha\n\n" + block("settings-train", "| stale |\n") + "\nAfter.\n")
+    check = sync(repo, "--check")
+    assert check.returncode == 1, check.stdout
+    assert "--- trainers/alpha/README.md (generated block 'settings-train', committed)" \
+        in check.stdout
+    assert "To fix, run: python tools/sync.py" in check.stdout
+    assert sync(repo).returncode == 0
+    text = readme.read_text()
+    assert "| `EPOCHS` | int | `10` |" in text and "| stale |" not in text
+    assert text.startswith("# alpha\n\n<!-- generated:settings-train") and text.endswith("After.\n")
+    assert sync(repo, "--check").returncode == 0
+
+
+def test_the_contract_tables_are_regenerated_wherever_they_live(repo: Path) -> None:
+    (repo / "README.md").write_text("# monorepo\n\nSee docs/contract.md.\n")
+    (repo / "docs").mkdir()
+    contract = repo / "docs/contract.md"
+    contract.write_text("# Contract\n\n" + block("contract-tables", "old\n")
+                        + block("bench", "measured, left alone\n"))
+    check = sync(repo, "--check")
+    assert check.returncode == 1 and states(check.stdout)["docs/contract.md"] == "drifted"
+    assert "docs/contract.md (generated block 'contract-tables', committed)" in check.stdout
+    assert sync(repo).returncode == 0
+    text = contract.read_text()
+    assert "| `JOB_ID` | str |" in text and "| 143 |" in text and "old\n" not in text
+    assert "measured, left alone\n" in text
+    assert sync(repo, "--check").returncode == 0
+
+
+def test_an_unknown_or_missing_generated_block_is_an_error(repo: Path) -> None:
+    (repo / "README.md").write_text("# monorepo\n\n" + block("mystery", "x\n"))
+    check = sync(repo, "--check")
+    assert check.returncode == 2
+    assert "README.md: unknown generated block 'mystery'" in check.stdout
+    assert "no <!-- generated:contract-tables" in check.stdout

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import re
+import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +87,7 @@ def test_help_is_instant_and_lists_env_names(repo_with_new_trainer: Path) -> Non
 
 
 @pytest.mark.parametrize("answer, message", [
-    ("slug=Bad_Slug", "slug must match"),
+    ("slug=Bad_Slug", 'slug "Bad_Slug" must match ^[a-z0-9-]+$'),
     ("python_version=2.7", "python_version"),
     ("cuda_version=twelve", "CUDA version must look like"),
 ])
@@ -94,3 +98,54 @@ def test_invalid_answers_are_rejected(tmp_path: Path, answer: str, message: str)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "trainers/x/train.py").exists()
+
+
+def answer_on_a_terminal(cwd: Path, args: list[str], keys: list[bytes], wait_s: float = 3.0,
+                         ) -> tuple[int, str]:
+    """Run copier on a pseudo-terminal (it asks only there), type `keys`, return what it showed."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "copier", *args], cwd=cwd, stdin=terminal,
+                               stdout=terminal, stderr=terminal,
+                               env={**os.environ, "TERM": "xterm", "COLUMNS": "200"})
+    os.close(terminal)
+    shown = b""
+
+    def read_for(seconds: float) -> None:
+        nonlocal shown
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.1)[0]:
+                try:
+                    shown += os.read(controller, 65536)
+                except OSError:  # the process closed the terminal
+                    return
+
+    read_for(wait_s)
+    for key in keys:
+        os.write(controller, key)
+        read_for(wait_s)
+    code = process.wait(timeout=30)
+    os.close(controller)
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode("utf-8", "replace"))
+
+
+def test_a_bad_slug_is_one_line_naming_the_rule(tmp_path: Path) -> None:
+    """`copier copy template trainers/HF_ViT` asks for the slug (the folder's name is not one)
+    and answers a bad one with the rule, not a traceback."""
+    shutil.copytree(REPO / "template", tmp_path / "template",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code, shown = answer_on_a_terminal(tmp_path, ["copy", "template", "trainers/HF_ViT"],
+                                       [b"HF_ViT\r", b"\x03"])
+    assert "Traceback" not in shown, shown
+    assert 'slug "HF_ViT" must match ^[a-z0-9-]+$' in shown, shown
+    assert code == 1 and "Execution stopped by user" in shown
+    assert not (tmp_path / "trainers").exists()
+
+
+def test_the_readme_lists_every_question_the_template_asks() -> None:
+    questions = [name for name in yaml.safe_load((REPO / "template/copier.yml").read_text())
+                 if not name.startswith("_")]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Adding a framework", 1)[1].split("\n## ", 1)[0]
+    missing = [q for q in questions if f"`{q}`" not in section]
+    assert not missing, f"README.md's 'Adding a framework' does not name the questions {missing}"

@@ -3,7 +3,7 @@
     python tools/bench.py                        # --size small: a few minutes here
     python tools/bench.py --size large           # the issue's sizes, for a real machine
     python tools/bench.py --size smoke           # every row once, tiny: proves the command runs
-    python tools/bench.py --markdown README.md   # also rewrite the README's generated:bench block
+    python tools/bench.py --markdown docs/benchmarks.md   # also rewrite its generated:bench block
     python tools/bench.py --only staging hung    # some rows only (names: see --help)
 
 Every figure compares two things run side by side in this one invocation -- interleaved,
@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,6 +111,17 @@ def machine() -> str:
             f"{platform.machine()}, Python {platform.python_version()}{torch}")
 
 
+def commit() -> str:
+    """The commit measured: its short hash, `-dirty` with uncommitted changes."""
+    try:
+        found = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"],
+                               cwd=Path(__file__).parent, capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "an unknown commit (no git)"
+    return f"commit {found.stdout.strip()}" if found.returncode == 0 else "an unknown commit"
+
+
 def format_table(rows: list[Row]) -> str:
     header = ("figure", "ours", "baseline", "ratio", "goal", "result")
     cells = [header] + [(r.figure, r.ours, r.baseline, r.shown, r.goal, r.result) for r in rows]
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for name in ROWS if name in results for row in results[name]]
     print(format_table(rows))
     if args.markdown:
-        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+        when = f"{dt.datetime.now(dt.UTC):%Y-%m-%d}, {commit()},"
         block = markdown_block(rows, size, size.repeat, when, machine())
         try:
             args.markdown.write_text(fill_markdown(args.markdown.read_text(), block))

@@ -17,8 +17,13 @@ The same run regenerates what is derived from code:
   made stale;
 - template/capabilities.json.jinja: the same for a render of the template, with the slug put
   back as `{{ slug }}`, so a trainer fresh from `copier copy` is already in sync;
-- the blocks of the docs derived from template/utils.py (the settings and exit-code tables in
-  README.md, between `<!-- generated:NAME -->` markers).
+- every generated block of the docs, between `<!-- generated:NAME ... -->` and
+  `<!-- /generated:NAME -->`, wherever it lives: in README.md and docs/*.md the contract's
+  settings and exit-code tables (`contract-tables`, from template/utils.py); in each trainer's
+  README.md the settings table of a script (`settings-train`, `settings-evaluate`, ...: that
+  script's SETTINGS, read in the same view as the manifest). A block of a name this tool does
+  not know fails, unless it is a measured report (`bench`, `reliability`), which its own
+  command rewrites (see MEASURED_BLOCKS).
 
 `copier update` cannot serve a template kept in a sub-folder of the same repository, so this tool
 renders through copier's API into a temporary folder and copies the managed files across.
@@ -127,10 +132,10 @@ class ManifestError(Exception):
     pass
 
 
-def generate_manifest(trainer: Path, rendered: Path, files: list[str]) -> str:
-    """`python train.py --capabilities`, as committed: run on a view of the trainer (its
-    top-level modules and requirements.txt, which pins the framework's version, with the
-    rendered managed files over them) with this interpreter."""
+def run_in_view(trainer: Path, rendered: Path, files: list[str],
+                argv: list[str]) -> subprocess.CompletedProcess:
+    """`python ARGV` in a view of the trainer: its top-level modules and requirements.txt (which
+    pins the framework's version), with the freshly rendered managed files over them."""
     with tempfile.TemporaryDirectory(prefix="manifest-") as tmp:
         view = Path(tmp) / trainer.name
         view.mkdir()
@@ -139,9 +144,16 @@ def generate_manifest(trainer: Path, rendered: Path, files: list[str]) -> str:
         for name in files:
             if name.endswith(".py") and (rendered / name).is_file():
                 shutil.copyfile(rendered / name, view / name)
-        result = subprocess.run(
-            [sys.executable, *MANIFEST_COMMAND], cwd=view, capture_output=True, text=True,
+        return subprocess.run(
+            [sys.executable, *argv], cwd=view, capture_output=True, text=True,
             timeout=MANIFEST_TIMEOUT_S, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+
+
+def generate_manifest(trainer: Path, rendered: Path, files: list[str]) -> str:
+    """`python train.py --capabilities`, as committed: run on a view of the trainer (its
+    top-level modules and requirements.txt, which pins the framework's version, with the
+    rendered managed files over them) with this interpreter."""
+    result = run_in_view(trainer, rendered, files, list(MANIFEST_COMMAND))
     command = "python " + " ".join(MANIFEST_COMMAND)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
@@ -237,37 +249,96 @@ def contract_tables(utils) -> str:
     return "\n".join(parts)
 
 
-GENERATED_BLOCKS = {("README.md", "contract-tables"): contract_tables}
+GENERATED_BLOCK = re.compile(
+    r"(?P<open><!-- generated:(?P<name>[\w-]+)\b[^\n]*?-->\n)(?P<body>.*?)"
+    r"(?P<close><!-- /generated:(?P=name) -->)", re.S)
+DOCS = ("README.md", "docs/*.md")
+CONTRACT_BLOCK = "contract-tables"
+SETTINGS_BLOCK_PREFIX = "settings-"  # settings-train: train.py's SETTINGS, in a trainer README
+# Reports of a measurement: this tool leaves their text alone; these commands rewrite them, and
+# tests/test_reports.py checks that their rows still name today's trainers and scenarios.
+MEASURED_BLOCKS = {
+    "bench": "python tools/bench.py --markdown docs/benchmarks.md",
+    "reliability": "CONFORMANCE_REPORT=docs/conformance.md python -m pytest tests/conformance",
+}
+
+
+def update_blocks(path: Path, makers: dict, report: TrainerReport, repo: Path, *,
+                  write: bool) -> list[str]:
+    """Regenerate (or, with write=False, compare) every generated block of `path` that `makers`
+    ({name: () -> text}) knows; return the names of the blocks found."""
+    text = path.read_text(encoding="utf-8")
+    label = path.relative_to(repo).as_posix()
+    found, pieces, last = [], [], 0
+    for block in GENERATED_BLOCK.finditer(text):
+        name = block["name"]
+        found.append(name)
+        if name in MEASURED_BLOCKS:
+            continue
+        if name not in makers:
+            report.state, report.error = RENDER_ERROR, (
+                f"{label}: unknown generated block {name!r} (this tool makes "
+                f"{', '.join(sorted(makers)) or 'none here'})")
+            continue
+        expected = makers[name]()
+        if normalise(block["body"].encode()) == normalise(expected.encode()):
+            continue
+        report.state = DRIFTED if report.state != RENDER_ERROR else report.state
+        report.diffs.append("".join(difflib.unified_diff(
+            normalise(block["body"].encode()).decode().splitlines(True),
+            expected.splitlines(True), fromfile=f"{label} (generated block {name!r}, committed)",
+            tofile=f"{label} (generated block {name!r}, as {FIX_COMMAND} writes it)")))
+        pieces += [text[last:block.start("body")], expected]
+        last = block.end("body")
+        report.changed.append(f"{label}#{name}")
+    if write and pieces:
+        path.write_text("".join(pieces) + text[last:], encoding="utf-8")
+    return found
 
 
 def sync_docs(repo: Path, *, check: bool) -> list[TrainerReport]:
+    """The monorepo's docs: README.md and docs/*.md."""
     utils = load_template_utils(repo / "template")
-    reports = []
-    for (name, block), make in GENERATED_BLOCKS.items():
-        path = repo / name
-        report = TrainerReport(f"{name}#{block}")
-        reports.append(report)
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        pattern = re.compile(
-            rf"(<!-- generated:{block} .*?-->\n)(.*?)(<!-- /generated:{block} -->)", re.S)
-        found = pattern.search(text)
-        if not found:
-            report.state, report.error = RENDER_ERROR, (
-                f"no <!-- generated:{block} ... --> ... <!-- /generated:{block} --> markers")
-            continue
-        expected = make(utils)
-        if normalise(found.group(2).encode()) == normalise(expected.encode()):
-            continue
-        report.state = DRIFTED
-        report.diffs.append("".join(difflib.unified_diff(
-            found.group(2).splitlines(True), expected.splitlines(True),
-            fromfile=f"{name} (generated block {block!r})",
-            tofile=f"{name} (rendered from template/utils.py)")))
-        if not check:
-            path.write_text(text[:found.start(2)] + expected + text[found.end(2):],
-                            encoding="utf-8")
-            report.changed.append(block)
+    makers = {CONTRACT_BLOCK: lambda: contract_tables(utils)}
+    reports, seen = [], set()
+    for path in sorted({p for pattern in DOCS for p in repo.glob(pattern)}):
+        report = TrainerReport(path.relative_to(repo).as_posix())
+        names = update_blocks(path, makers, report, repo, write=not check)
+        seen.update(names)
+        if names:
+            reports.append(report)
+    if CONTRACT_BLOCK not in seen:
+        reports.append(TrainerReport(
+            "docs", RENDER_ERROR, error=f"no <!-- generated:{CONTRACT_BLOCK} ... --> ... "
+            f"<!-- /generated:{CONTRACT_BLOCK} --> block in {' or '.join(DOCS)}"))
     return reports
+
+
+SETTINGS_PROBE = ("import importlib, json, sys, utils\n"
+                  "print(json.dumps({name: utils.settings_markdown("
+                  "importlib.import_module(name).SETTINGS) for name in sys.argv[1:]}))")
+
+
+def sync_readme_tables(trainer: Path, rendered: Path, files: list[str], report: TrainerReport,
+                       repo: Path, *, write: bool) -> None:
+    """The settings tables of the trainer's README.md, each from its script's SETTINGS."""
+    readme = trainer / "README.md"
+    if report.state == RENDER_ERROR or not readme.is_file():
+        return
+    scripts = [block["name"].removeprefix(SETTINGS_BLOCK_PREFIX)
+               for block in GENERATED_BLOCK.finditer(readme.read_text(encoding="utf-8"))
+               if block["name"].startswith(SETTINGS_BLOCK_PREFIX)]
+    tables: dict[str, str] = {}
+    if scripts:
+        result = run_in_view(trainer, rendered, files, ["-c", SETTINGS_PROBE, *scripts])
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+            report.state, report.error = RENDER_ERROR, f"README.md settings tables: {last}"
+            return
+        tables = json.loads(result.stdout)
+    makers = {SETTINGS_BLOCK_PREFIX + name: (lambda table=table: table)
+              for name, table in tables.items()}
+    update_blocks(readme, makers, report, repo, write=write)
 
 
 def sync(repo: Path, *, check: bool, out=sys.stdout) -> int:
@@ -290,11 +361,13 @@ def sync(repo: Path, *, check: bool, out=sys.stdout) -> int:
             report = compare(trainer, Path(tmp) / trainer.name, files, repo, write=not check)
             sync_manifest(trainer, Path(tmp) / trainer.name, files, report, repo,
                           write=not check)
+            sync_readme_tables(trainer, Path(tmp) / trainer.name, files, report, repo,
+                               write=not check)
             reports.append(report)
     template_manifest = sync_template_manifest(template, files, repo, write=not check)
     if template_manifest is not None:
         reports.append(template_manifest)
-    if (repo / "README.md").is_file():
+    if (repo / "README.md").is_file():  # a monorepo, not a bare test tree of trainers
         reports += sync_docs(repo, check=check)
     return summarise(reports, check=check, out=out)
 

@@ -6,9 +6,10 @@ under artifacts/job-{JOB_ID}/predictions/. Per image: boxes as pixel `xyxy`, cla
 confidence; segmentation adds each mask as a polygon in pixels; classification gives the TOP_K
 classes instead. CONF_THRESHOLD and IOU_THRESHOLD filter the detections.
 
-By hand, on a local folder (outputs land under ./out/artifacts/job-local/predictions/):
-  python predict.py --checkpoint-path best.pt --input-path ./images \\
-      --storage-type local --local-storage-root ./out
+By hand, after the sample's training (`pixi run train`), on the sample's own images; the
+outputs land in the git-ignored .sample/artifacts/job-<id>/predictions/:
+  python predict.py --checkpoint-path .work/sample/ultralytics/train/weights/best.pt \\
+      --input-path datasets/sample.zip --storage-type local --local-storage-root .sample
 """
 
 from __future__ import annotations
