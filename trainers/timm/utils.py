@@ -197,7 +197,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_identifier(name: str, value: str) -> str:
     """`value` if it is a valid identifier, else a ConfigError naming the setting."""
-    if not IDENTIFIER.match(value):
+    if not IDENTIFIER.fullmatch(value):
         raise ConfigError(f"{name}={value!r} is not a valid identifier (1-128 letters, digits, "
                           "'.', '_' or '-', starting with a letter or digit: it names paths and "
                           "storage keys)")
@@ -2668,7 +2668,7 @@ def _record_failure(work_dir: Path | None, line: str, termination_log: str | Non
 def _report_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
     """Settings did not parse: still tell the backend, with whatever raw values are usable."""
     job_id = environ.get("JOB_ID") or "local"
-    if not IDENTIFIER.match(job_id):  # a bad JOB_ID must not name a path, even here
+    if not IDENTIFIER.fullmatch(job_id):  # a bad JOB_ID must not name a path, even here
         job_id = "local"
     work_dir = environ.get("WORK_DIR") or str(
         Path(tempfile.gettempdir()) / "vision-platform" / f"job-{job_id}")
