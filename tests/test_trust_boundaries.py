@@ -671,3 +671,18 @@ def test_mlflow_and_storage_name_a_certificate_failure_in_one_line(
                                     secret_key="s", ca_bundle=str(ca))
     assert trusting.head("datasets/x.zip").etag == "abc"
     assert server.requests == ["/health", "/b/datasets/x.zip"]
+
+
+def test_an_input_key_with_dots_is_never_written_outside_the_inputs(utils_module: ModuleType,
+                                                                    s3, tmp_path: Path) -> None:
+    s3.put_bytes("inputs/batch/ok.png", png())
+    s3.put_bytes("inputs/batch/../../../../escaped.png", png())
+    assert "inputs/batch/../../../../escaped.png" in s3.keys("inputs/")  # stored as named
+    env = s3.env()
+    storage = utils_module.Storage("minio", s3.bucket, endpoint=s3.endpoint,
+                                   access_key=env["MINIO_ACCESS_KEY"],
+                                   secret_key=env["MINIO_SECRET_KEY"])
+    dest = tmp_path / "a" / "b" / "c" / "inputs"
+    with pytest.raises(utils_module.DatasetError, match="would be written outside"):
+        utils_module.stage_inputs(storage, "inputs/batch/", dest)
+    assert not list(tmp_path.rglob("escaped.png"))

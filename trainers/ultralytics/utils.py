@@ -1642,6 +1642,8 @@ def stage_inputs(storage: Storage, input_path: str, dest: Path) -> list[Path]:
         bucket, prefix = storage.split(input_path)
         for key in storage.list(input_path):
             if is_image(key):
+                if ".." in PurePosixPath(key[len(prefix):]).parts:  # a key never names a path
+                    raise DatasetError(f"storage key {key!r} would be written outside {dest}")
                 storage.download(f"s3://{bucket}/{key}" if storage.kind != "local" else key,
                                  dest / key[len(prefix):])
         images = list_images(dest)
