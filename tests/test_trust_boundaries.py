@@ -686,3 +686,13 @@ def test_an_input_key_with_dots_is_never_written_outside_the_inputs(utils_module
     with pytest.raises(utils_module.DatasetError, match="would be written outside"):
         utils_module.stage_inputs(storage, "inputs/batch/", dest)
     assert not list(tmp_path.rglob("escaped.png"))
+
+
+def test_the_pre_launch_validator_applies_the_identifier_rule(utils_module: ModuleType) -> None:
+    manifest = json.loads((REPO / "trainers" / "pytorch" / "capabilities.json").read_text())
+    problems = utils_module.validate_job_settings(manifest, "train", {"DATASET_ID": "../x"})
+    assert problems == ["DATASET_ID='../x' is not a valid identifier (it names paths and "
+                        "storage keys)"]
+    assert utils_module.validate_job_settings(manifest, "train", {"DATASET_ID": "ok-1"}) == []
+    secret = manifest["scripts"]["train"]["settings_schema"]["properties"]["INTERNAL_AUTH_TOKEN"]
+    assert "x-flag" not in secret  # the manifest offers no flag for a secret

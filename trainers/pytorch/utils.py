@@ -734,9 +734,13 @@ def settings_schema(settings: Sequence[Setting], title: str) -> dict[str, Any]:
             prop["minimum"] = s.minimum
         if s.maximum is not None:
             prop["maximum"] = s.maximum
+        if s.identifier:
+            prop["pattern"] = IDENTIFIER.pattern
         if s.secret:
             prop["writeOnly"] = True
-        prop.update({"x-secret": s.secret, "x-group": s.group, "x-flag": s.flag})
+        prop.update({"x-secret": s.secret, "x-group": s.group})
+        if not s.secret:  # a secret is never a flag (argv is visible to every process)
+            prop["x-flag"] = s.flag
         if s.required:
             required.append(s.name)
         elif s.required_if:
@@ -910,6 +914,8 @@ def validate_job_settings(manifest: Mapping[str, Any], script: str,
             problem = f"is below the minimum {prop['minimum']:g}"
         elif problem is None and "maximum" in prop and value > prop["maximum"]:
             problem = f"is above the maximum {prop['maximum']:g}"
+        elif problem is None and "pattern" in prop and not re.fullmatch(prop["pattern"], value):
+            problem = "is not a valid identifier (it names paths and storage keys)"
         if problem:
             problems.append(f"{name}={shown} {problem}")
         else:
