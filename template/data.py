@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
@@ -37,23 +37,30 @@ def read_class_names(split_dir: Path) -> list[str]:
     return names
 
 
-def index_images(split_dir: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-    """Every image with its class id; an empty class or an unreadable image fails up front."""
+def index_images(split_dir: Path, class_names: list[str],
+                 max_bad_images: int = 0) -> list[tuple[Path, int]]:
+    """Every image with its class id; an empty class fails up front, and bad images (unreadable,
+    truncated, oversized) by the contract's policy: one line, or skipped up to MAX_BAD_IMAGES."""
+    return without_bad_images(list_class_images(split_dir, class_names), split_dir.parent,
+                              max_bad_images)
+
+
+def list_class_images(split_dir: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     items: list[tuple[Path, int]] = []
     for index, name in enumerate(class_names):
         folder = split_dir / name
         images = utils.list_images(folder) if folder.is_dir() else []
         if folder.is_dir() and not images:
             raise utils.DatasetError(f"class folder {split_dir.name}/{name} has no images")
-        for image in images:
-            try:
-                with Image.open(image) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise utils.DatasetError(f"unreadable image {split_dir.name}/{name}/{image.name} "
-                                         f"({type(exc).__name__})") from None
-            items.append((image, index))
+        items.extend((image, index) for image in images)
     return items
+
+
+def without_bad_images(items: list[tuple[Path, int]], root: Path,
+                       max_bad_images: int) -> list[tuple[Path, int]]:
+    good = set(utils.check_images([image for image, _ in items], root=root,
+                                  max_bad=max_bad_images))
+    return [item for item in items if item[0] in good]
 
 
 class ImageFolder(Dataset):
@@ -83,17 +90,20 @@ class Splits:
     val: ImageFolder
 
 
-def load_splits(root: Path, image_size: int) -> Splits:
+def load_splits(root: Path, image_size: int, max_bad_images: int = 0) -> Splits:
     train_dir, val_dir = find_split(root, "train"), find_split(root, "val")
     class_names = read_class_names(train_dir)
     extra = sorted(set(read_class_names(val_dir)) - set(class_names))
     if extra:
         raise utils.DatasetError(f"{val_dir.name}/ has classes missing from train/: "
                                  f"{', '.join(extra)}")
+    # Both splits in one image check: one line (or one warning) for the whole dataset.
+    train, val = list_class_images(train_dir, class_names), list_class_images(val_dir, class_names)
+    good = set(without_bad_images(train + val, root, max_bad_images))
     return Splits(class_names,
-                  ImageFolder(index_images(train_dir, class_names),
+                  ImageFolder([item for item in train if item in good],
                               build_transform(image_size, train=True)),
-                  ImageFolder(index_images(val_dir, class_names),
+                  ImageFolder([item for item in val if item in good],
                               build_transform(image_size, train=False)))
 
 

@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -136,6 +137,7 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     group: str = "basic"  # "basic" or "advanced": how a UI groups it
+    identifier: bool = False  # becomes part of a path or storage key: IDENTIFIER's rule
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -183,6 +185,8 @@ class Setting:
                 raise ConfigError(f"{self.name}={shown} must be a JSON object")
         else:
             value = text
+            if self.identifier:
+                check_identifier(self.name, value)
         if self.choices and value not in self.choices:
             raise ConfigError(f"{self.name}={shown} is not one of {', '.join(self.choices)}")
         if self.minimum is not None and value < self.minimum:
@@ -190,6 +194,20 @@ class Setting:
         if self.maximum is not None and value > self.maximum:
             raise ConfigError(f"{self.name}={shown} is above the maximum {self.maximum:g}")
         return value
+
+
+# One rule for every identifier that becomes part of a path or a storage key (JOB_ID,
+# DATASET_ID, ...): no `/`, no `..`, no leading `.` or `-`, bounded length.
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_identifier(name: str, value: str) -> str:
+    """`value` if it is a valid identifier, else a ConfigError naming the setting."""
+    if not IDENTIFIER.fullmatch(value):
+        raise ConfigError(f"{name}={value!r} is not a valid identifier (1-128 letters, digits, "
+                          "'.', '_' or '-', starting with a letter or digit: it names paths and "
+                          "storage keys)")
+    return value
 
 
 STORAGE_TYPES = ("minio", "r2", "s3", "local")
@@ -204,7 +222,7 @@ TASK_TYPES = (
 # Settings every script reads (section 1 of the platform contract).
 PLATFORM_SETTINGS: tuple[Setting, ...] = (
     Setting("JOB_ID", help="The job's id; names its storage keys and MLflow run.",
-            required_if=("CALLBACK_URL", "*")),
+            required_if=("CALLBACK_URL", "*"), identifier=True),
     Setting("TASK_TYPE", help="Task kind as the callbacks name it; default: from the "
             "model/dataset.", choices=TASK_TYPES, group="advanced"),
     Setting("CALLBACK_URL", help="Base URL of this job's callback endpoints; unset: no callbacks.",
@@ -250,11 +268,19 @@ PLATFORM_SETTINGS: tuple[Setting, ...] = (
             "(written only when the file exists and is writable).", group="advanced"),
     Setting("LOG_LEVEL", default="INFO", help="Logging level.",
             choices=("DEBUG", "INFO", "WARNING", "ERROR"), group="advanced"),
+    Setting("TRUSTED_CHECKPOINT_PREFIXES", help="Comma-separated storage prefixes (key prefixes "
+            "in STORAGE_BUCKET, or s3://bucket/prefix) whose checkpoints may run code when "
+            "loaded, besides checkpoints/ of STORAGE_BUCKET (written by this platform's jobs).",
+            group="advanced"),
+    Setting("CA_BUNDLE", help="PEM file of the CA(s) that sign the callback, storage and MLflow "
+            "endpoints' certificates (a private CA); default: the system's, or "
+            "REQUESTS_CA_BUNDLE / AWS_CA_BUNDLE.", group="advanced"),
 )
 
 # Hyperparameters every trainer's train.py reads; a trainer changes defaults with `with_defaults`.
 TRAIN_SETTINGS: tuple[Setting, ...] = (
-    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
+    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True,
+            identifier=True),
     Setting("CHECKPOINT_PATH", help="Resume from an interrupted job's last.pt, or fine-tune from a "
             "finished model (storage key or s3://bucket/key)."),
     Setting("MODEL_NAME", help="Framework model name."),
@@ -269,15 +295,22 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
             group="advanced"),
     Setting("EXTRA_ARGS", "json", None, "Framework options as a JSON object, validated by the "
             "framework's own option names.", group="advanced"),
+    Setting("MAX_BAD_IMAGES", "int", 0, "Unreadable, truncated or oversized images skipped (with "
+            "one warning listing them) before the dataset check fails.", minimum=0,
+            group="advanced"),
 )
 
 EVALUATE_SETTINGS: tuple[Setting, ...] = (
     Setting("CHECKPOINT_PATH", help="The checkpoint to evaluate.", required=True),
-    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True),
+    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True,
+            identifier=True),
     Setting("SPLIT", default="val", help="Dataset split to evaluate.", choices=("val", "test")),
     Setting("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
     Setting("IMAGE_SIZE", "int", None, "Input size; default: the checkpoint's.", minimum=8),
     Setting("NUM_WORKERS", "int", 2, "Data-loader worker processes.", minimum=0, group="advanced"),
+    Setting("MAX_BAD_IMAGES", "int", 0, "Unreadable, truncated or oversized images skipped (with "
+            "one warning listing them) before the dataset check fails.", minimum=0,
+            group="advanced"),
 )
 
 PREDICT_SETTINGS: tuple[Setting, ...] = (
@@ -396,8 +429,11 @@ def build_parser(settings: Sequence[Setting], prog: str | None = None,
         allow_abbrev=False,  # `--epoch 3` must not silently mean `--epochs 3`
         epilog="Every flag has an environment variable of the same name in capitals "
                "(shown in brackets); a flag wins over its variable.\n"
+               + _secrets_epilog(settings) +
                "Exit codes: " + "; ".join(f"{c} {m}" for c, m in EXIT_CODES.items()) + ".")
     for s in settings:
+        if s.secret:
+            continue  # never a flag: argv is visible to every process on the node
         default = "<redacted>" if s.secret and s.default else s.default
         bits = [f"env {s.name}", s.kind]
         if s.choices:
@@ -422,15 +458,25 @@ def parse_settings(settings: Sequence[Setting], argv: Sequence[str] | None = Non
     Every problem is collected and raised at once as one ConfigError.
     """
     environ = os.environ if environ is None else environ
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_secret_flags(settings, argv)
     args = build_parser(settings, prog, description).parse_args(argv)
     values: dict[str, Any] = {}
     problems: list[str] = []
     missing: list[str] = []
     invalid: set[str] = set()
     for s in settings:
-        raw = getattr(args, s.attr)
+        raw = getattr(args, s.attr, None)
         if raw is None:
             raw = environ.get(s.name)
+        if s.secret:
+            try:
+                raw = secret_from_env(s.name, environ)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                values[s.attr] = s.default
+                invalid.add(s.name)
+                continue
         if raw is None or raw.strip() == "":
             values[s.attr] = s.default
             continue
@@ -458,6 +504,41 @@ def parse_settings(settings: Sequence[Setting], argv: Sequence[str] | None = Non
         "Config", [(s.attr, Any) for s in settings], bases=(Config,), frozen=True)
     cls._settings = {s.name: s for s in settings}
     return cls(**values)
+
+
+def _secrets_epilog(settings: Sequence[Setting]) -> str:
+    names = [s.name for s in settings if s.secret]
+    if not names:
+        return ""
+    return ("Secrets are not accepted as flags (argv is visible to every process on the node): "
+            f"set {', '.join(names)} in the environment, or NAME_FILE to a file holding the "
+            "value.\n")
+
+
+def refuse_secret_flags(settings: Sequence[Setting], argv: Sequence[str]) -> None:
+    """A secret passed as a flag is a configuration error naming the variable to use instead."""
+    given = {arg.partition("=")[0] for arg in argv if arg.startswith("--")}
+    refused = [s for s in settings if s.secret and s.flag in given]
+    if refused:
+        raise ConfigError("; ".join(
+            f"{s.flag} is not accepted on the command line (argv is visible to every process on "
+            f"the node): set {s.name} or {s.name}_FILE instead" for s in refused))
+
+
+def secret_from_env(name: str, environ: Mapping[str, str]) -> str | None:
+    """A secret's value from NAME, or from the file NAME_FILE names (the convention of official
+    container images; Kubernetes mounts secrets as files). One trailing newline is dropped."""
+    value, file = environ.get(name), environ.get(f"{name}_FILE")
+    if not (file or "").strip():
+        return value
+    if (value or "").strip():
+        raise ConfigError(f"both {name} and {name}_FILE are set: set one of them")
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"{name}_FILE={file!r} cannot be read ({reason})") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def settings_markdown(settings: Sequence[Setting]) -> str:
@@ -697,9 +778,13 @@ def settings_schema(settings: Sequence[Setting], title: str) -> dict[str, Any]:
             prop["minimum"] = s.minimum
         if s.maximum is not None:
             prop["maximum"] = s.maximum
+        if s.identifier:
+            prop["pattern"] = IDENTIFIER.pattern
         if s.secret:
             prop["writeOnly"] = True
-        prop.update({"x-secret": s.secret, "x-group": s.group, "x-flag": s.flag})
+        prop.update({"x-secret": s.secret, "x-group": s.group})
+        if not s.secret:  # a secret is never a flag (argv is visible to every process)
+            prop["x-flag"] = s.flag
         if s.required:
             required.append(s.name)
         elif s.required_if:
@@ -873,6 +958,8 @@ def validate_job_settings(manifest: Mapping[str, Any], script: str,
             problem = f"is below the minimum {prop['minimum']:g}"
         elif problem is None and "maximum" in prop and value > prop["maximum"]:
             problem = f"is above the maximum {prop['maximum']:g}"
+        elif problem is None and "pattern" in prop and not re.fullmatch(prop["pattern"], value):
+            problem = "is not a valid identifier (it names paths and storage keys)"
         if problem:
             problems.append(f"{name}={shown} {problem}")
         else:
@@ -925,7 +1012,6 @@ def _model_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
 # 4. Storage
 # =============================================================================================
 
-_DATASET_ID = re.compile(r"^[\w][\w.\-]*$")
 _ARCHIVE_MAX_RATIO = 200  # uncompressed / compressed, above which an archive is a bomb
 _ARCHIVE_RATIO_FLOOR = 64 * 2**20  # ratios only matter for archives past this size
 _ARCHIVE_MAX_BYTES = 1 << 40  # 1 TiB declared: absurd for one job's dataset
@@ -944,8 +1030,9 @@ class Storage:
 
     def __init__(self, kind: str, bucket: str, *, endpoint: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,
-                 local_root: str | os.PathLike | None = None):
+                 local_root: str | os.PathLike | None = None, ca_bundle: str | None = None):
         self.kind, self.bucket, self.endpoint = kind, bucket, endpoint
+        self.ca_bundle = ca_bundle  # None: botocore's default (AWS_CA_BUNDLE, else the system's)
         self._credentials = (access_key, secret_key)
         self.local_root = Path(local_root).resolve() if local_root else None
         self._client = None
@@ -956,19 +1043,31 @@ class Storage:
         kind = cfg.storage_type
         if kind == "local":
             return cls(kind, cfg.storage_bucket, local_root=cfg.local_storage_root)
+        ca_bundle = getattr(cfg, "ca_bundle", None) or None
         if kind == "minio":
             return cls(kind, cfg.storage_bucket, endpoint=cfg.minio_endpoint,
-                       access_key=cfg.minio_access_key, secret_key=cfg.minio_secret_key)
+                       access_key=cfg.minio_access_key, secret_key=cfg.minio_secret_key,
+                       ca_bundle=ca_bundle)
         if kind == "r2":
             return cls(kind, cfg.storage_bucket, endpoint=cfg.r2_endpoint,
-                       access_key=cfg.r2_access_key_id, secret_key=cfg.r2_secret_access_key)
-        return cls(kind, cfg.storage_bucket, endpoint=cfg.s3_endpoint_url)
+                       access_key=cfg.r2_access_key_id, secret_key=cfg.r2_secret_access_key,
+                       ca_bundle=ca_bundle)
+        return cls(kind, cfg.storage_bucket, endpoint=cfg.s3_endpoint_url, ca_bundle=ca_bundle)
 
     # -- addressing ----------------------------------------------------------------------------
     def uri(self, key: str) -> str:
         if self.kind == "local":
-            return (self.local_root / key).as_uri()
+            return self.local_file(key).as_uri()
         return f"s3://{self.bucket}/{key}"
+
+    def local_file(self, key: str) -> Path:
+        """The local backend's file for `key`; a key that resolves outside the root (`..`, an
+        absolute path, a link out), whatever produced it, is refused."""
+        target = (self.local_root / key).resolve()
+        if target != self.local_root and self.local_root not in target.parents:
+            raise StorageError(f"storage key {key!r} resolves outside LOCAL_STORAGE_ROOT "
+                               f"({self.local_root}): refused")
+        return target
 
     def split(self, path: str) -> tuple[str, str]:
         """(bucket, key) of a storage key, an s3://bucket/key URI or a file:// URI."""
@@ -976,7 +1075,9 @@ class Storage:
             bucket, _, key = path[5:].partition("/")
             return bucket, key
         if path.startswith("file://") and self.local_root:
-            full = Path(urlsplit(path).path)
+            full = Path(urlsplit(path).path).resolve()
+            if self.local_root not in full.parents:
+                raise StorageError(f"{path} is outside LOCAL_STORAGE_ROOT ({self.local_root})")
             return self.bucket, full.relative_to(self.local_root).as_posix()
         return self.bucket, path.lstrip("/")
 
@@ -993,7 +1094,7 @@ class Storage:
 
                 access_key, secret_key = self._credentials
                 self._client = boto3.client(
-                    "s3", endpoint_url=self.endpoint or None,
+                    "s3", endpoint_url=self.endpoint or None, verify=self.ca_bundle,
                     aws_access_key_id=access_key or None,
                     aws_secret_access_key=secret_key or None,
                     region_name="auto" if self.kind == "r2" else None,
@@ -1020,6 +1121,7 @@ class Storage:
             ClientError,
             EndpointConnectionError,
             NoCredentialsError,
+            SSLError,
         )
 
         # upload_file wraps the ClientError (403, NoSuchBucket, ...) in S3UploadFailedError,
@@ -1040,6 +1142,10 @@ class Storage:
             return StorageError(f"storage error while {action} {where}: {code or status}")
         if isinstance(exc, NoCredentialsError):
             return StorageError(f"no storage credentials for {where}")
+        if isinstance(exc, SSLError):
+            return StorageError(f"TLS certificate verification failed for the storage endpoint "
+                                f"{redact_url(self.endpoint or 'default')} while {action} {where} "
+                                "(a private CA: set CA_BUNDLE or AWS_CA_BUNDLE)")
         if isinstance(exc, EndpointConnectionError) or "Connect" in type(exc).__name__:
             return StorageError(f"storage endpoint {redact_url(self.endpoint or 'default')} "
                                 f"unreachable while {action} {where}")
@@ -1051,7 +1157,7 @@ class Storage:
     def head(self, path: str) -> ObjectInfo:
         bucket, key = self.split(path)
         if self.kind == "local":
-            file = self.local_root / key
+            file = self.local_file(key)
             if not file.is_file():
                 raise StorageError(f"{self._where(bucket, key)} not found")
             st = file.stat()
@@ -1068,7 +1174,7 @@ class Storage:
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
         if self.kind == "local":
-            source = self.local_root / key
+            source = self.local_file(key)
             if not source.is_file():
                 raise StorageError(f"{self._where(bucket, key)} not found")
             shutil.copyfile(source, partial)
@@ -1101,7 +1207,7 @@ class Storage:
 
         A copy, not a link: the caller's file may be rewritten in place after the upload.
         """
-        target = self.local_root / key
+        target = self.local_file(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
         shutil.copyfile(source, partial)
@@ -1114,7 +1220,7 @@ class Storage:
         bucket, key = self.split(path)
         if self.kind == "local":
             # Objects here are only ever replaced (`_local_put`), so a hard link is a safe copy.
-            return link_or_copy(self.local_root / src_key, self.local_root / key).as_uri()
+            return link_or_copy(self.local_file(src_key), self.local_file(key)).as_uri()
         try:
             # The managed copy: one CopyObject, or UploadPartCopy parts past 5 GB.
             self.client.copy({"Bucket": src_bucket, "Key": src_key}, bucket, key,
@@ -1126,7 +1232,7 @@ class Storage:
     def list(self, prefix: str) -> list[str]:
         bucket, prefix = self.split(prefix)
         if self.kind == "local":
-            root = self.local_root / prefix
+            root = self.local_file(prefix)
             return sorted(p.relative_to(self.local_root).as_posix()
                           for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
         keys: list[str] = []
@@ -1426,8 +1532,7 @@ def stage_dataset(storage: Storage, dataset_id: str, cache_dir: Path,
     skips both the download and the extraction, and a changed object is fetched again. From S3
     the members are extracted while the archive downloads (`_fetch_and_extract`).
     """
-    if not _DATASET_ID.match(dataset_id) or ".." in dataset_id:
-        raise ConfigError(f"DATASET_ID={dataset_id!r} is not a valid dataset id")
+    check_identifier("DATASET_ID", dataset_id)
     key = f"datasets/{dataset_id}.zip"
     info = storage.head(key)
     entry = cache_dir / "datasets" / dataset_id / re.sub(r"[^\w.-]", "_", info.etag)
@@ -1478,6 +1583,98 @@ def list_images(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+# -- images: one safety policy for every trainer --------------------------------------------------
+# Unreadable, truncated and oversized images are found when the dataset is checked, before
+# training: the job fails with one line naming them, or skips up to MAX_BAD_IMAGES of them with
+# one warning. Never a traceback, never a crash mid-epoch.
+
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (~9459 x 9459), checked by us
+IMAGE_CHECK_FILE = "image-check.json"  # the verdicts, beside a staged dataset's complete.json
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be trained on, or None. Reads the header (and for PNG the chunks, for
+    JPEG the file's end), never decodes the pixels: a check every image can afford."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    return (f"oversized: {width}x{height} pixels, above the limit of "
+                            f"{MAX_IMAGE_PIXELS}")
+                image_format = im.format
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"oversized: above the limit of {MAX_IMAGE_PIXELS} pixels (a decompression bomb)"
+    except Exception as exc:  # Pillow raises many types for a file it cannot read
+        return f"unreadable ({type(exc).__name__})"
+    if image_format == "JPEG":
+        with open(path, "rb") as fh:  # the end-of-image marker is missing from a cut-off file
+            fh.seek(max(path.stat().st_size - 1024, 0))
+            if b"\xff\xd9" not in fh.read():
+                return "truncated (no JPEG end marker)"
+    return None
+
+
+def _image_check_file(root: Path) -> Path | None:
+    """Where a staged dataset keeps its image verdicts: its cache entry is keyed by the
+    archive's ETag, so the files never change under the verdict."""
+    for folder in (root, *list(root.parents)[:2]):
+        if (folder / "complete.json").is_file():
+            return folder / IMAGE_CHECK_FILE
+    return None
+
+
+_warned_bad_images: set[str] = set()  # one warning per process for a set of images
+
+
+def _image_verdicts(images: Sequence[Path], root: Path) -> tuple[str, dict[str, str]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [os.path.relpath(p, root) for p in images]
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+    cache = _image_check_file(root)
+    stored: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        stored = json.loads(cache.read_text(encoding="utf-8")) if cache else {}
+    if stored.get("max_pixels") != MAX_IMAGE_PIXELS:
+        stored = {"max_pixels": MAX_IMAGE_PIXELS, "verdicts": {}}
+    if digest in stored["verdicts"]:
+        return digest, stored["verdicts"][digest]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # file reads and zlib release the GIL
+        problems = list(pool.map(image_problem, images))
+    bad = {name: why for name, why in zip(names, problems, strict=True) if why}
+    if cache is not None:
+        stored["verdicts"][digest] = bad
+        with contextlib.suppress(OSError), atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps(stored), encoding="utf-8")
+    return digest, bad
+
+
+def check_images(images: Sequence[Path], *, root: Path, max_bad: int = 0) -> list[Path]:
+    """The images fit to train on. Bad ones (see `image_problem`) fail the dataset check with
+    one line naming them, or, when there are at most `max_bad` (MAX_BAD_IMAGES), are dropped
+    with one warning listing them. `root` names the files in messages and finds the cache."""
+    digest, bad = _image_verdicts(images, root)
+    if not bad:
+        return list(images)
+    listed = [f"{name}: {why}" for name, why in sorted(bad.items())]
+    shown = "; ".join(listed[:5]) + (f"; and {len(listed) - 5} more" if len(listed) > 5 else "")
+    if len(bad) > max_bad:
+        raise DatasetError(f"{len(bad)} bad image(s) in the dataset (MAX_BAD_IMAGES={max_bad}): "
+                           f"{shown}")
+    if digest not in _warned_bad_images:
+        _warned_bad_images.add(digest)
+        log.warning("skipping %d bad image(s) (MAX_BAD_IMAGES=%d): %s", len(bad), max_bad, shown)
+    return [p for p, name in zip(images, (os.path.relpath(p, root) for p in images),
+                                 strict=True) if name not in bad]
+
+
 def stage_inputs(storage: Storage, input_path: str, dest: Path) -> list[Path]:
     """The images named by INPUT_PATH, as local files.
 
@@ -1499,6 +1696,8 @@ def stage_inputs(storage: Storage, input_path: str, dest: Path) -> list[Path]:
         bucket, prefix = storage.split(input_path)
         for key in storage.list(input_path):
             if is_image(key):
+                if ".." in PurePosixPath(key[len(prefix):]).parts:  # a key never names a path
+                    raise DatasetError(f"storage key {key!r} would be written outside {dest}")
                 storage.download(f"s3://{bucket}/{key}" if storage.kind != "local" else key,
                                  dest / key[len(prefix):])
         images = list_images(dest)
@@ -1516,6 +1715,70 @@ def stage_inputs(storage: Storage, input_path: str, dest: Path) -> list[Path]:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {input_path}")
     return images
 
+
+# -- checkpoints: which may run code when loaded ------------------------------------------------
+# A pickle runs code when it is loaded. A checkpoint is unpickled in full only when it is trusted:
+# written by this platform's jobs (checkpoints/ of STORAGE_BUCKET), under a prefix the platform
+# names in TRUSTED_CHECKPOINT_PREFIXES, or a local file a person points at. Anything else (an
+# upload, another bucket) is loaded code-free (torch's weights-only unpickler) or refused.
+
+PLATFORM_CHECKPOINTS = "checkpoints/"
+
+
+def checkpoint_trust(storage: Storage, path: str, trusted_prefixes: str | None = None
+                     ) -> str | None:
+    """Why the checkpoint at `path` (CHECKPOINT_PATH) may run code when loaded, or None."""
+    if not path.startswith(("s3://", "file://")) and Path(path).is_file():
+        return "a local file"
+    bucket, key = storage.split(path)
+    if ".." in PurePosixPath(key).parts:
+        return None
+    prefixes = [PLATFORM_CHECKPOINTS] + [p.strip() for p in (trusted_prefixes or "").split(",")
+                                         if p.strip()]
+    for prefix in prefixes:
+        prefix_bucket, prefix_key = storage.split(prefix)
+        prefix_key = prefix_key.rstrip("/") + "/"  # a folder: uploads/ok never trusts uploads/okay
+        if bucket == prefix_bucket and key.startswith(prefix_key):
+            return f"under s3://{prefix_bucket}/{prefix_key}"
+    return None
+
+
+def untrusted_checkpoint_error(storage: Storage, path: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is not trusted to run code when loaded, and this trainer's "
+        f"checkpoints hold pickled code: refused. Trusted are {PLATFORM_CHECKPOINTS} of bucket "
+        f"{storage.bucket} (written by the platform's jobs), prefixes named in "
+        "TRUSTED_CHECKPOINT_PREFIXES, and local files; copy it there or name its prefix")
+
+
+def load_torch_checkpoint(path: Path, *, trusted: bool = False,
+                          safe_globals: Sequence[Any] = ()) -> Any:
+    """Unpickle a torch checkpoint by the trust rule; CheckpointError (one line) if it cannot be.
+
+    Untrusted (the default): torch's weights-only unpickler, which builds tensors, containers and
+    the classes in `safe_globals` and nothing else, so the file runs no code of its own. Trusted
+    (`checkpoint_trust` said why): a full unpickle, for formats that pickle the model's classes.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        if trusted:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not trusted and found:
+            raise CheckpointError(f"{path.name} was refused: loading it would run code "
+                                  f"({found.group(1)}), and it is loaded code-free here "
+                                  "(weights only)") from None
+        raise CheckpointError(f"{path.name} is not a readable checkpoint "
+                              f"({type(exc).__name__})") from exc
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"{path.name} is not a readable checkpoint "
+                              f"({type(exc).__name__})") from exc
 
 # -- files written atomically: checkpoints, export archives, staged objects ------------------
 
@@ -1752,8 +2015,10 @@ class CallbackClient:
 
     def __init__(self, base_url: str | None, token: str | None, job_id: str | None,
                  journal: Path, *, timeout: tuple[float, float] = (3.05, 10.0),
-                 max_backoff: float = 30.0, on_cancel: Callable[[], None] | None = None):
+                 max_backoff: float = 30.0, on_cancel: Callable[[], None] | None = None,
+                 ca_bundle: str | None = None):
         self.base_url = base_url.rstrip("/") if base_url else None
+        self.verify: str | bool = ca_bundle or True  # True: REQUESTS_CA_BUNDLE, else the system's
         self._token, self.job_id, self.journal = token, job_id, journal
         self.timeout, self.max_backoff, self.on_cancel = timeout, max_backoff, on_cancel
         self._lock = threading.Lock()
@@ -1824,7 +2089,11 @@ class CallbackClient:
             try:
                 response = self._session.request(
                     event["method"], self._url(event["route"]), data=payload,
-                    headers=self._headers(seq), timeout=self.timeout)
+                    headers=self._headers(seq), timeout=self.timeout, allow_redirects=False,
+                    verify=self.verify)
+            except requests.exceptions.SSLError:
+                self._refuse_certificate()
+                return
             except requests.RequestException as exc:
                 self._warn_once(0, "backend unreachable (%s); retrying in the background",
                                 type(exc).__name__)
@@ -1839,6 +2108,9 @@ class CallbackClient:
                     log.error("backend rejected %s %s as unreadable (HTTP 422): %s -- a bug on "
                               "the trainer's side; not retried", event["method"], event["route"],
                               response.text[:300])
+                    return
+                if 300 <= status < 400:  # never followed: the token stays with this origin
+                    self._refuse_redirect(status, response.headers.get("Location"))
                     return
                 if status in (401, 403, 404):
                     self.disabled_reason = f"HTTP {status}"
@@ -1866,6 +2138,24 @@ class CallbackClient:
             if self._worker.time_left() <= 0:
                 self.abandoned += 1
                 return
+
+    def _refuse_redirect(self, status: int, location: str | None) -> None:
+        """A redirect is a misconfigured backend (or a proxy in front of it): following it would
+        hand X-Internal-Auth to another origin. Like a 401: delivery stops, the journal keeps
+        every event, training goes on."""
+        target = urlsplit(location or "")
+        origin = f"{target.scheme}://{target.netloc}" if target.netloc else "the same origin"
+        self.disabled_reason = f"HTTP {status} redirect"
+        log.warning("backend answered HTTP %s redirecting to %s: a misconfigured backend "
+                    "(callbacks never follow redirects); callbacks are off for this job; events "
+                    "stay in %s", status, origin, self.journal.name)
+
+    def _refuse_certificate(self) -> None:
+        base = urlsplit(self.base_url or "")
+        self.disabled_reason = "TLS certificate verification failed"
+        log.warning("backend %s://%s: TLS certificate verification failed (a private CA: set "
+                    "CA_BUNDLE or REQUESTS_CA_BUNDLE); callbacks are off for this job; events "
+                    "stay in %s", base.scheme, base.netloc, self.journal.name)
 
     def _sleep_until_due(self, delay: float) -> None:
         time.sleep(max(min(delay, self._worker.time_left()), 0.0))
@@ -1906,7 +2196,8 @@ class CallbackClient:
             response = requests.request(
                 event["method"], self._url(event["route"]),
                 data=json.dumps(event["body"], default=_json_default),
-                headers=self._headers(seq), timeout=(min(self.timeout[0], timeout), timeout))
+                headers=self._headers(seq), timeout=(min(self.timeout[0], timeout), timeout),
+                allow_redirects=False, verify=self.verify)
         except requests.RequestException as exc:
             return f"; the final status was attempted ahead of them ({type(exc).__name__})"
         return f"; the final status was sent ahead of them (HTTP {response.status_code})"
@@ -1993,8 +2284,10 @@ class Tracker:
     into the code folder, read-only in an image).
     """
 
-    def __init__(self, tracking_uri: str | None, experiment: str, work_dir: Path):
+    def __init__(self, tracking_uri: str | None, experiment: str, work_dir: Path,
+                 ca_bundle: str | None = None):
         self.local = not tracking_uri
+        self.ca_bundle = ca_bundle
         self.tracking_uri = tracking_uri or f"sqlite:///{work_dir / 'mlflow.db'}"
         self.artifact_location = (None if _served(self.tracking_uri)
                                   else (work_dir / "mlruns").as_uri())
@@ -2011,8 +2304,13 @@ class Tracker:
         import requests
 
         try:
-            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=3)
+            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=3,
+                         verify=self.ca_bundle or True)
             return True
+        except requests.exceptions.SSLError:
+            self._disable(f"{redact_url(self.tracking_uri)}: TLS certificate verification failed "
+                          "(a private CA: set CA_BUNDLE or REQUESTS_CA_BUNDLE)")
+            return False
         except requests.RequestException as exc:
             self._disable(f"{redact_url(self.tracking_uri)} unreachable ({type(exc).__name__})")
             return False
@@ -2032,6 +2330,8 @@ class Tracker:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         # MLflow writes the run's URL, tracking URI password included, straight to stdout.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        if self.ca_bundle:  # MLflow's own variable for the server's CA
+            os.environ.setdefault("MLFLOW_TRACKING_SERVER_CERT_PATH", self.ca_bundle)
         try:
             from mlflow.tracking import MlflowClient
 
@@ -2169,7 +2469,7 @@ class Job:
         self.unfinished_attempt = _unfinished_attempt(journal)  # read before this attempt writes
         self.callbacks = CallbackClient(
             cfg.callback_url if self.is_main else None, cfg.internal_auth_token, cfg.job_id,
-            journal, on_cancel=self.cancel_requested.set)
+            journal, on_cancel=self.cancel_requested.set, ca_bundle=cfg.ca_bundle or None)
         self.uploads = Uploader(self.storage, self.work_dir / ".upload-staging")
         self.tracker: Tracker | NullTracker = NullTracker()  # a real one from start(), if any
         self.last_checkpoint: Path | None = None
@@ -2191,11 +2491,30 @@ class Job:
         return stage_dataset(self.storage, dataset_id or self.cfg.dataset_id, self.cache_dir,
                              self.cfg.disk_budget_mb)
 
-    def fetch_checkpoint(self, path: str | None = None) -> Path:
-        """A checkpoint by storage key / URI, or a local file a person points at."""
+    def checkpoint_trust(self, path: str | None = None) -> str | None:
+        """Why CHECKPOINT_PATH (or `path`) may run code when loaded, or None (see
+        `checkpoint_trust`)."""
+        path = path or self.cfg.checkpoint_path
+        return checkpoint_trust(self.storage, path, self.cfg.trusted_checkpoint_prefixes
+                                ) if path else None
+
+    def require_trusted_checkpoint(self, path: str | None = None) -> None:
+        """For a trainer whose checkpoints pickle code: refuse an untrusted one before any work."""
+        path = path or self.cfg.checkpoint_path
+        if path and self.checkpoint_trust(path) is None:
+            raise untrusted_checkpoint_error(self.storage, path)
+
+    def fetch_checkpoint(self, path: str | None = None, *, trusted_only: bool = False) -> Path:
+        """A checkpoint by storage key / URI, or a local file a person points at.
+
+        `trusted_only`: the caller will unpickle it in full, so an untrusted one is refused
+        before it is downloaded.
+        """
         path = path or self.cfg.checkpoint_path
         if not path:
             raise ConfigError("missing required settings: CHECKPOINT_PATH")
+        if trusted_only:
+            self.require_trusted_checkpoint(path)
         if not path.startswith(("s3://", "file://")) and Path(path).is_file():
             return Path(path).resolve()
         bucket, key = self.storage.split(path)
@@ -2318,7 +2637,7 @@ class Job:
             self._continue_earlier_attempt()
         if self.is_main and self.kind in ("train", "evaluate"):
             tracker = Tracker(self.cfg.mlflow_tracking_uri, self.cfg.mlflow_experiment_name,
-                              self.work_dir)
+                              self.work_dir, ca_bundle=self.cfg.ca_bundle or None)
             prefix = "job" if self.kind == "train" else "eval"
             tags = {"job_id": self.job_id, "dataset_id": str(self.cfg.get("DATASET_ID") or ""),
                     "framework": self.framework, "model_name": str(
@@ -2438,12 +2757,19 @@ def _record_failure(work_dir: Path | None, line: str, termination_log: str | Non
 def _report_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
     """Settings did not parse: still tell the backend, with whatever raw values are usable."""
     job_id = environ.get("JOB_ID") or "local"
+    if not IDENTIFIER.fullmatch(job_id):  # a bad JOB_ID must not name a path, even here
+        job_id = "local"
     work_dir = environ.get("WORK_DIR") or str(
         Path(tempfile.gettempdir()) / "vision-platform" / f"job-{job_id}")
     line = one_line(str(exc))
     _record_failure(Path(work_dir), line, environ.get("TERMINATION_LOG", "/dev/termination-log"))
-    client = CallbackClient(environ.get("CALLBACK_URL"), environ.get("INTERNAL_AUTH_TOKEN"),
-                            job_id, Path(work_dir) / JOURNAL_NAME, timeout=(3.05, 5.0))
+    try:
+        token = secret_from_env("INTERNAL_AUTH_TOKEN", environ)
+    except ConfigError:  # a token file that cannot be read (already in the error line)
+        token = None
+    client = CallbackClient(environ.get("CALLBACK_URL"), token, job_id,
+                            Path(work_dir) / JOURNAL_NAME, timeout=(3.05, 5.0),
+                            ca_bundle=environ.get("CA_BUNDLE") or None)
     client.send("PATCH", "status", {"status": "failed", "error": line, "progress": None,
                                     "updated_at": _utc_now(), "mlflow_experiment_id": None,
                                     "mlflow_run_id": None})

@@ -84,7 +84,7 @@ def test_the_framework_version_is_the_pinned_one(utils_module, tmp_path: Path, p
 
 
 @pytest.mark.parametrize("trainer", DECLARED, ids=lambda t: t.name)
-def test_manifest_settings_are_exactly_the_settings_tables(trainer: Path) -> None:
+def test_manifest_settings_are_exactly_the_settings_tables(trainer: Path, utils_module) -> None:
     """Each script's schema is its settings table (with the platform's), field by field."""
     read_tables = textwrap.dedent("""
         import dataclasses, importlib, json, utils
@@ -116,7 +116,8 @@ def test_manifest_settings_are_exactly_the_settings_tables(trainer: Path) -> Non
                 "enum": list(s["choices"]) or None, "minimum": s["minimum"],
                 "maximum": s["maximum"], "writeOnly": True if s["secret"] else None,
                 "x-secret": s["secret"], "x-group": s["group"],
-                "x-flag": "--" + s["name"].lower().replace("_", "-"),
+                "x-flag": None if s["secret"] else "--" + s["name"].lower().replace("_", "-"),
+                "pattern": utils_module.IDENTIFIER.pattern if s["identifier"] else None,
                 "x-required-if": {"setting": condition[0], "value": condition[1]}
                 if condition else None,
             }.items() if v is not None}, f"{script}: {s['name']}"

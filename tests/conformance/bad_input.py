@@ -38,6 +38,7 @@ from tests.support.servers import closed_port_url
 
 Overrides = Callable[[Subject], dict[str, str | None]]
 FOREIGN = "checkpoints/job-elsewhere"  # where the not-ours checkpoints are put
+UNTRUSTED_CHECKPOINT = "uploads/code-carrying.pt"  # outside every trusted prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,10 @@ CASES: tuple[BadInput, ...] = (
     BadInput("foreign-checkpoint", EXIT_DATA, ("checkpoint",),
              lambda s: {"CHECKPOINT_PATH": f"{FOREIGN}/other-framework.pt"}),
     BadInput("disk-full", EXIT_DATA, ("disk|space",), lambda s: {"DISK_BUDGET_MB": "0"}),
+    # A user's upload that runs code when unpickled (issue 18): never run (its payload would
+    # write escape_target, which check_nothing_outside_work_dir looks for), refused in one line.
+    BadInput("untrusted-checkpoint", EXIT_DATA, ("refused", "code-carrying.pt"),
+             lambda s: {"CHECKPOINT_PATH": UNTRUSTED_CHECKPOINT}),
 )
 
 
@@ -118,6 +123,24 @@ def _symlink() -> bytes:
     return _zip([("data/train/a/real.txt", b"x"), (link, b"/etc/passwd")])
 
 
+class _RunsCode:
+    """Unpickling this writes `target`: what a checkpoint carrying code does when loaded."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"echo code-ran > {self.target}",))
+
+
+def _code_carrying_checkpoint(target: Path) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"format": "vision-platform/any/1", "model": _RunsCode(target)}, buffer)
+    return buffer.getvalue()
+
+
 def escape_target(subject: Subject) -> Path:
     """Where the `..` and absolute-path archives try to write (must never exist)."""
     return subject.root / "escaped-by-archive.txt"
@@ -146,6 +169,7 @@ def upload_bad_inputs(subject: Subject) -> None:
     inputs[f"{FOREIGN}/other-framework.pt"] = buffer.getvalue()
     for key, data in inputs.items():
         subject.put(key, data)
+    subject.put(UNTRUSTED_CHECKPOINT, _code_carrying_checkpoint(escape_target(subject)))
     # The absolute member must be stored as such (zipfile keeps the leading slash on write).
     with zipfile.ZipFile(io.BytesIO(inputs["datasets/absolute-path.zip"])) as zf:
         assert any(n.startswith("/") for n in zf.namelist())

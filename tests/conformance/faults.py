@@ -433,3 +433,65 @@ FAULTS: dict[str, Callable[[Subject], RunResult]] = {
     "mlflow-unreachable": mlflow_unreachable,
     "mlflow-killed": mlflow_killed,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust boundaries (issue 18)
+# ---------------------------------------------------------------------------------------------
+
+class RedirectingBackend(Backend):
+    """A misconfigured backend (or a proxy in front of it): every call is answered
+    `307 Location: <location>`, another origin. Each request that arrives is in `rejected`."""
+
+    def __init__(self, job_id: str, location: str) -> None:
+        self.location = location
+        super().__init__(job_id)
+
+    def _handle(self, request) -> None:  # noqa: ANN001 -- http.server's handler
+        from requests.structures import CaseInsensitiveDict
+
+        from tests.support.servers import Call
+
+        length = int(request.headers.get("Content-Length") or 0)
+        raw = request.rfile.read(length) if length else b""
+        call = Call(request.command, request.path.rpartition("/")[2],
+                    CaseInsensitiveDict(request.headers.items()), {"_raw": raw.decode()},
+                    time.monotonic(), request.path, answered=307)
+        with self._lock:
+            self.rejected.append(call)
+        request.send_response(307)
+        request.send_header("Location", self.location)
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+
+def backend_redirect(subject: Subject) -> RunResult:
+    """Every call answered 307 to another origin: the token goes out once, to the configured
+    backend only; one warning naming the redirect; training completes, journal complete."""
+    name = "backend-redirect"
+    job = job_id(subject, name)
+    with scenario(subject, name) as sc, closing(Backend(f"{job}-elsewhere")) as other, \
+            closing(RedirectingBackend(job, other.url + "/status")) as backend:
+        result = run_to_end(subject, name, subject.env(subject.run_dir(name), job, backend),
+                            backend=backend)
+        sc.record(result)
+        check_completed(sc, result)
+        sc.check(len(backend.rejected) == 1, f"{len(backend.rejected)} calls to the redirecting "
+                 "backend: expected exactly one (a redirect is never retried)", result)
+        reached = len(other.calls) + len(other.rejected)
+        sc.check(reached == 0, f"the redirect target (another origin) received {reached} "
+                 "call(s) carrying X-Internal-Auth: redirects must never be followed", result)
+        warnings = result.warnings("redirect")
+        sc.check(len(warnings) == 1 and "307" in warnings[0],
+                 f"{len(warnings)} warnings about the redirect, expected one naming HTTP 307: "
+                 f"{warnings}", result)
+        if subject.healthy is not None:
+            shape = [(e["method"], e["route"]) for e in result.events]
+            expected = [(e["method"], e["route"]) for e in subject.healthy.events]
+            sc.check(shape == expected, "callbacks.jsonl does not hold every event: "
+                     f"{len(shape)} events, the healthy run journaled {len(expected)}")
+        check_no_secrets(sc, result)
+        return result
+
+
+FAULTS["backend-redirect"] = backend_redirect

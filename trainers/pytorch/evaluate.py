@@ -42,7 +42,7 @@ def evaluate(job: utils.Job) -> utils.JobResult:
         raise utils.DatasetError(
             f"{cfg.split} split classes {found} differ from the checkpoint's {class_names}")
     image_size = cfg.image_size or checkpoint["image_size"]
-    dataset = ImageFolder(index_images(split_dir, class_names),
+    dataset = ImageFolder(index_images(split_dir, class_names, cfg.max_bad_images),
                           build_transform(image_size, train=False, mean=checkpoint["mean"],
                                           std=checkpoint["std"]))
     loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=cfg.num_workers)

@@ -64,7 +64,7 @@ def train(job: utils.Job) -> utils.JobResult:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    splits = load_splits(job.stage_dataset(), cfg.image_size)
+    splits = load_splits(job.stage_dataset(), cfg.image_size, cfg.max_bad_images)
     train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True,
                                workers=cfg.num_workers, seed=cfg.seed)
     val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, workers=cfg.num_workers)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -62,25 +62,30 @@ def _few(names: list[str], limit: int = 5) -> str:
 
 
 def index_images(split_dir: Path, class_names: list[str], *,
-                 verify: bool = True) -> list[tuple[Path, int]]:
-    """Every image with its class id; an empty class or an unreadable image fails up front."""
+                 max_bad_images: int = 0) -> list[tuple[Path, int]]:
+    """Every image with its class id; an empty class fails up front, and bad images (unreadable,
+    truncated, oversized) by the contract's policy: one line, or skipped up to MAX_BAD_IMAGES
+    (the verdict is cached with the staged dataset, so a second check costs a listing)."""
+    return without_bad_images(list_class_images(split_dir, class_names), split_dir.parent,
+                              max_bad_images)
+
+
+def list_class_images(split_dir: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     items: list[tuple[Path, int]] = []
     for index, name in enumerate(class_names):
         folder = split_dir / name
         images = utils.list_images(folder)
         if not images:
             raise utils.DatasetError(f"class folder {split_dir.name}/{name} has no images")
-        for image in images:
-            if verify:
-                try:
-                    with Image.open(image) as im:
-                        im.verify()
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                    raise utils.DatasetError(
-                        f"unreadable image {split_dir.name}/{name}/{image.name} "
-                        f"({type(exc).__name__})") from None
-            items.append((image, index))
+        items.extend((image, index) for image in images)
     return items
+
+
+def without_bad_images(items: list[tuple[Path, int]], root: Path,
+                       max_bad_images: int) -> list[tuple[Path, int]]:
+    good = set(utils.check_images([image for image, _ in items], root=root,
+                                  max_bad=max_bad_images))
+    return [item for item in items if item[0] in good]
 
 
 @dataclass
@@ -90,13 +95,16 @@ class Splits:
     val: list[tuple[Path, int]]
 
 
-def load_splits(root: Path, *, verify: bool = True) -> Splits:
+def load_splits(root: Path, *, max_bad_images: int = 0) -> Splits:
     """train/ and val/ indexed and checked: same classes, no empty class, every image readable."""
     train_dir, val_dir = find_split(root, "train"), find_split(root, "val")
     class_names = read_class_names(train_dir)
     check_same_classes(val_dir, class_names, "train/")
-    return Splits(class_names, index_images(train_dir, class_names, verify=verify),
-                  index_images(val_dir, class_names, verify=verify))
+    train, val = list_class_images(train_dir, class_names), list_class_images(val_dir, class_names)
+    # Both splits in one image check: one line (or one warning) for the whole dataset.
+    good = set(without_bad_images(train + val, root, max_bad_images))
+    return Splits(class_names, [item for item in train if item in good],
+                  [item for item in val if item in good])
 
 
 class ImageFolder(Dataset):

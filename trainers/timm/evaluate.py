@@ -49,7 +49,7 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     class_names = checkpoint["class_names"]
     split_dir = find_split(job.stage_dataset(), cfg.split)
     check_same_classes(split_dir, class_names, "the checkpoint's")
-    items = index_images(split_dir, class_names)
+    items = index_images(split_dir, class_names, max_bad_images=cfg.max_bad_images)
     data_config = plain_data_config(checkpoint["data_config"], cfg.image_size)
     loader = eval_loader(ImageFolder(items, eval_transform(data_config)), cfg.batch_size,
                          workers=cfg.num_workers)

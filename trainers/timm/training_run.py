@@ -94,7 +94,8 @@ def build_run(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any],
         kwargs=start.model_kwargs, offline=offline,
         num_classes=len(checkpoint["class_names"]) if checkpoint else None))
     root = dist.local_first(lambda: staged_and_checked(job), share=True)
-    splits = load_splits(root, verify=False)  # local rank 0 verified every image
+    # Local rank 0 checked every image; here the cached verdict drops the same bad ones.
+    splits = load_splits(root, max_bad_images=cfg.max_bad_images)
     start_epoch = restore_weights(model, start, splits.class_names)
     data_config = (plain_data_config(checkpoint["data_config"], cfg.image_size) if checkpoint
                    else data_config_for(model, cfg.image_size))
@@ -169,7 +170,7 @@ def resumes(checkpoint: dict[str, Any], checkpoint_path: str) -> bool:
 def staged_and_checked(job: utils.Job) -> Path:
     """The dataset's root, every split and image checked (each node's local rank 0 does it)."""
     root = job.stage_dataset()
-    splits = load_splits(root, verify=True)
+    splits = load_splits(root, max_bad_images=job.cfg.max_bad_images)
     log.info("dataset: %d classes, %d training and %d validation images",
              len(splits.class_names), len(splits.train), len(splits.val))
     return root

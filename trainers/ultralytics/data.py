@@ -5,7 +5,9 @@ optional `test`; relative paths resolved against the extracted folder). Classifi
 folders `train/<class>/...` and `val/<class>/...` (`valid/`, `validation/` accepted; `test/`
 optional). Problems are reported as DatasetError naming what is missing: left to Ultralytics, a
 missing folder becomes a download attempt (its `download:` key, or a dataset of the same name from
-its servers) or a traceback.
+its servers) or a traceback. Every image passes the contract's image policy first
+(`utils.check_images`): bad ones fail the job in one line, or, within MAX_BAD_IMAGES, are left out
+of what Ultralytics is given (a list of the rest, or a folder of links to them).
 
 For the YOLO layout a resolved copy of data.yaml is written into the work dir (absolute `path`,
 no `download`), and that copy is what Ultralytics reads.
@@ -13,7 +15,9 @@ no `download`), and that copy is what Ultralytics reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +35,11 @@ class Dataset:
     splits: dict[str, Path]  # train, val and test when present
 
 
-def prepare_dataset(root: Path, task: str, work_dir: Path) -> Dataset:
+def prepare_dataset(root: Path, task: str, work_dir: Path, max_bad_images: int = 0) -> Dataset:
     if task == "classify":
-        return image_folders(root)
-    return yolo_layout(root, work_dir / "data.yaml")
+        return without_bad_images(image_folders(root), work_dir / "dataset-checked",
+                                  max_bad_images)
+    return yolo_layout(root, work_dir / "data.yaml", max_bad_images)
 
 
 def find_images(path: Path) -> list[Path]:
@@ -63,7 +68,7 @@ def read_names(raw: dict[str, Any]) -> list[str]:
     raise utils.DatasetError("data.yaml has no `names` (the class names, a list or {id: name})")
 
 
-def yolo_layout(root: Path, resolved_yaml: Path) -> Dataset:
+def yolo_layout(root: Path, resolved_yaml: Path, max_bad_images: int = 0) -> Dataset:
     import yaml
 
     found = [root / name for name in YAML_NAMES if (root / name).is_file()]
@@ -106,6 +111,7 @@ def yolo_layout(root: Path, resolved_yaml: Path) -> Dataset:
             splits[split] = path
     if problems:
         raise utils.DatasetError("data.yaml: " + "; ".join(problems))
+    splits = listed_without_bad_images(splits, root, resolved_yaml.parent, max_bad_images)
     resolved = {"path": str(base), **{k: str(v) for k, v in splits.items()},
                 "names": dict(enumerate(names))}
     resolved_yaml.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,49 @@ def image_folders(root: Path) -> Dataset:
     if empty:
         raise utils.DatasetError(f"no images in {', '.join(empty)}")
     return Dataset(root, str(root), names, splits)
+
+
+def _good_images(splits: dict[str, Path], root: Path, max_bad_images: int
+                 ) -> tuple[dict[str, list[Path]], set[Path]]:
+    """Every split's images, and those the contract's image policy keeps (one check, so one
+    line or one warning for the whole dataset)."""
+    images = {split: find_images(path) for split, path in splits.items()}
+    every = [image for found in images.values() for image in found]
+    return images, set(utils.check_images(every, root=root, max_bad=max_bad_images))
+
+
+def listed_without_bad_images(splits: dict[str, Path], root: Path, out_dir: Path,
+                              max_bad_images: int) -> dict[str, Path]:
+    """YOLO layout: a split that lost bad images is given as a .txt list of the rest (labels are
+    still found beside the images)."""
+    images, good = _good_images(splits, root, max_bad_images)
+    kept = dict(splits)
+    for split, found in images.items():
+        rest = [image for image in found if image in good]
+        if len(rest) < len(found):
+            kept[split] = out_dir / f"{split}-images.txt"
+            with utils.atomic_path(kept[split]) as tmp:
+                tmp.write_text("".join(f"{image.resolve()}\n" for image in rest),
+                               encoding="utf-8")
+    return kept
+
+
+def without_bad_images(dataset: Dataset, out_dir: Path, max_bad_images: int) -> Dataset:
+    """Image folders: when bad images are skipped, Ultralytics gets a folder of links to the rest
+    (same class folders), never the bad files."""
+    images, good = _good_images(dataset.splits, dataset.root, max_bad_images)
+    if all(image in good for found in images.values() for image in found):
+        return dataset
+    splits = {}
+    for split, found in images.items():
+        splits[split] = out_dir / split
+        for image in found:
+            if image in good:
+                link = out_dir / split / image.relative_to(dataset.splits[split])
+                link.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):  # another rank made it
+                    os.symlink(image.resolve(), link)
+    return dataclasses.replace(dataset, data=str(out_dir), splits=splits)
 
 
 def require_split(dataset: Dataset, split: str) -> Path:

@@ -58,11 +58,13 @@ def run_validation(job: utils.Job):
     from metrics import validation_result
 
     cfg = job.cfg
+    job.require_trusted_checkpoint()  # before any work: Ultralytics unpickles a whole model
     runtime.prepare(job.work_dir, job.cache_dir / "weights",
                     cpu_threads=runtime.cpu_threads(cfg.device))
     device = model.ultralytics_device(cfg.device)
-    info = model.inspect_checkpoint(job.fetch_checkpoint())
-    dataset = prepare_dataset(job.stage_dataset(), info.task, job.work_dir)
+    info = model.inspect_checkpoint(job.fetch_checkpoint(trusted_only=True))
+    dataset = prepare_dataset(job.stage_dataset(), info.task, job.work_dir,
+                              cfg.max_bad_images)
     require_split(dataset, cfg.split)
     if dataset.class_names != info.class_names:
         raise utils.DatasetError(f"the dataset's classes {dataset.class_names} differ from the "

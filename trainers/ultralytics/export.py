@@ -62,13 +62,14 @@ def build_archive(job: utils.Job) -> tuple[utils.ExportFormat, Path, dict[str, A
     import runtime
 
     cfg = job.cfg
+    job.require_trusted_checkpoint()  # before any work: Ultralytics unpickles a whole model
     # Before torch and Ultralytics are imported: no pip installs, no network, private settings.
     runtime.prepare(job.work_dir, job.cache_dir / "weights",
                     cpu_threads=runtime.cpu_threads(cfg.device))
     fmt, device = check_format(cfg)
     import model
 
-    source = job.fetch_checkpoint()
+    source = job.fetch_checkpoint(trusted_only=True)
     info = model.inspect_checkpoint(source)
     size = cfg.image_size or info.image_size or 640
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=job.work_dir))

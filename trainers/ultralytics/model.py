@@ -165,12 +165,16 @@ def class_names(names: Any) -> list[str]:
 
 
 def inspect_checkpoint(path: Path) -> CheckpointInfo:
-    """Read an Ultralytics checkpoint's description; CheckpointError if it is not one."""
+    """Read an Ultralytics checkpoint's description; CheckpointError if it is not one.
+
+    The format pickles the model's classes, so reading it runs code: only a checkpoint the
+    contract trusts gets here (`Job.fetch_checkpoint(trusted_only=True)`; docs/trust-boundaries.md).
+    """
     import torch
     from ultralytics.nn.tasks import guess_model_task, torch_safe_load
 
     try:
-        ckpt, _ = torch_safe_load(path)  # a full unpickle: checkpoints come from our own bucket
+        ckpt, _ = torch_safe_load(path)  # a full unpickle: trusted by the caller
     except Exception as exc:  # torch and pickle raise many types for a file that is not one
         raise utils.CheckpointError(f"{path.name} is not a readable Ultralytics checkpoint "
                                     f"({type(exc).__name__})") from exc

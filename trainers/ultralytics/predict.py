@@ -54,10 +54,11 @@ def run_predictions(job: utils.Job):
     import model
 
     cfg = job.cfg
+    job.require_trusted_checkpoint()  # before any work: Ultralytics unpickles a whole model
     runtime.prepare(job.work_dir, job.cache_dir / "weights",
                     cpu_threads=runtime.cpu_threads(cfg.device))
     device = model.ultralytics_device(cfg.device)
-    info = model.inspect_checkpoint(job.fetch_checkpoint())
+    info = model.inspect_checkpoint(job.fetch_checkpoint(trusted_only=True))
     images = job.stage_inputs()
 
     from ultralytics import YOLO

@@ -75,6 +75,7 @@ def fit(job: utils.Job):
     from data import prepare_dataset
 
     cfg = job.cfg
+    job.require_trusted_checkpoint()  # before any work: Ultralytics unpickles a whole model
     spec = model.resolve_model(cfg.model_name, cfg.task_type)
     weights_dir = Path(cfg.weights_dir).resolve() if cfg.weights_dir else job.cache_dir / "weights"
     runtime.prepare(job.work_dir, weights_dir, cpu_threads=runtime.cpu_threads(cfg.device),
@@ -84,7 +85,7 @@ def fit(job: utils.Job):
 
     start = choose_start(job, spec, weights_dir)
     root = distributed.rank_zero_first(job, "dataset", lambda: str(job.stage_dataset()))
-    dataset = prepare_dataset(Path(root), start.task, job.work_dir)
+    dataset = prepare_dataset(Path(root), start.task, job.work_dir, cfg.max_bad_images)
     if start.resume and dataset.class_names != start.checkpoint.class_names:
         raise utils.DatasetError(
             f"cannot resume: the checkpoint's classes {start.checkpoint.class_names} differ "
@@ -135,7 +136,7 @@ def choose_start(job: utils.Job, spec, weights_dir: Path) -> Start:
             model.pretrained_weights(spec, weights_dir, offline=cfg.offline)))
         return Start(weights, spec.task)
     path = Path(distributed.rank_zero_first(job, "checkpoint",
-                                            lambda: str(job.fetch_checkpoint())))
+                                            lambda: str(job.fetch_checkpoint(trusted_only=True))))
     info = model.inspect_checkpoint(path)
     if cfg.task_type and model.TASKS.get(cfg.task_type) != info.task:
         raise utils.ConfigError(f"TASK_TYPE={cfg.task_type} but CHECKPOINT_PATH holds a "
