@@ -237,3 +237,25 @@ def test_ultralytics_preset_and_override_reach_its_saved_arguments_and_mlflow(
     assert params["PRESET"] == "fast"
     assert (params["extra.mosaic"], params["extra.close_mosaic"]) == ("0.25", "2")
     assert params["extra.plots"] == "False"
+
+
+def test_timm_preset_and_override_reach_its_transform_mixup_and_model_keywords() -> None:
+    probe = """
+import json, data, engine, options
+calls = options.split(options.OPTIONS.resolve("accurate", {"re_count": 2, "mixup_mode": "elem"}))
+config = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3,
+          "std": [0.5] * 3}
+transform = data.train_transform(config, hflip=0.5, crop_scale=0.08, auto_augment=None,
+                                 **calls["transform"])
+[erasing] = [t for t in transform.transforms if type(t).__name__ == "RandomErasing"]
+mixup = engine.build_mixup(0.2, 0.0, 0.1, 10, **calls["mixup"])
+print(json.dumps({"model": calls["model"], "erasing": [erasing.probability, erasing.mode,
+                  erasing.max_count], "mixup": [mixup.mode, mixup.mix_prob]}))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO / "trainers" / "timm",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    built = json.loads(result.stdout.splitlines()[-1])
+    assert built["model"] == {"drop_path_rate": 0.1, "drop_rate": 0.1}  # to create_model
+    assert built["erasing"] == [0.25, "pixel", 2]  # the preset's, re_count overridden
+    assert built["mixup"] == ["elem", 1.0]  # overridden; prob keeps Mixup's default
