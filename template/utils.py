@@ -1036,6 +1036,7 @@ def _extra_args_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
     excluded = (manifest.get("framework_options") or {}).get("excluded", {})
     return FrameworkOptions(prop["properties"], excluded).problems(values["EXTRA_ARGS"])
 
+
 # =============================================================================================
 # 3. Storage
 # =============================================================================================
