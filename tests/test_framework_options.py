@@ -259,3 +259,16 @@ print(json.dumps({"model": calls["model"], "erasing": [erasing.probability, eras
     assert built["model"] == {"drop_path_rate": 0.1, "drop_rate": 0.1}  # to create_model
     assert built["erasing"] == [0.25, "pixel", 2]  # the preset's, re_count overridden
     assert built["mixup"] == ["elem", 1.0]  # overridden; prob keeps Mixup's default
+
+
+def test_the_manifest_schema_rejects_an_untyped_or_ungrouped_option() -> None:
+    schema = json.loads((REPO / "schemas" / "capabilities.schema.json").read_text())
+    broken = manifest("ultralytics")
+    options = broken["scripts"]["train"]["settings_schema"]["properties"]["EXTRA_ARGS"]
+    del options["properties"]["mosaic"]["x-group"]
+    options["properties"]["hsv_h"]["type"] = "float"
+    del broken["framework_options"]["presets"]["fast"]["description"]
+    paths = {"/".join(map(str, e.absolute_path))
+             for e in jsonschema.Draft202012Validator(schema).iter_errors(broken)}
+    prefix = "scripts/train/settings_schema/properties/EXTRA_ARGS/properties"
+    assert {f"{prefix}/mosaic", f"{prefix}/hsv_h/type", "framework_options/presets/fast"} <= paths
