@@ -6,11 +6,13 @@ UI builds its forms from it and validates a job against it before launch
 (`utils.validate_job_settings`). Keep this module import-light: no torch, no framework.
 
 FRAMEWORK: declare your framework's package, tasks, models (with whether pretrained weights
-exist), dataset layouts and export formats. Models must match model.py's MODELS.
+exist), dataset layouts and export formats. Models must match model.py's MODELS; the
+framework's options and presets are options.py's.
 """
 
 from __future__ import annotations
 
+import options
 import utils
 
 CAPABILITIES = utils.Capabilities(
@@ -20,4 +22,5 @@ CAPABILITIES = utils.Capabilities(
     models=(utils.ModelInfo("tinycnn", "image_classification", pretrained=False),),
     dataset_layouts=(utils.DATASET_LAYOUTS["image_folder"],),
     export_formats=(utils.EXPORT_ONNX, utils.EXPORT_TORCHSCRIPT),
+    options=options.OPTIONS,
 )

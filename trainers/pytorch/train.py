@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import options
 import utils
 
 log = logging.getLogger(f"trainer.{__name__}")
@@ -39,7 +40,7 @@ SETTINGS = utils.merge_settings(
 
 def main(argv: list[str] | None = None) -> int:
     return utils.run_job("train", SETTINGS, train, framework=FRAMEWORK, argv=argv,
-                         description=__doc__, prog="train.py")
+                         description=__doc__, prog="train.py", options=options.OPTIONS)
 
 
 def train(job: utils.Job) -> utils.JobResult:

@@ -293,8 +293,10 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("SEED", "int", 0, "Random seed.", group="advanced"),
     Setting("CHECKPOINT_EVERY", "int", 1, "Upload an epoch checkpoint every N epochs.", minimum=1,
             group="advanced"),
-    Setting("EXTRA_ARGS", "json", None, "Framework options as a JSON object, validated by the "
-            "framework's own option names.", group="advanced"),
+    Setting("PRESET", help="Named bundle of framework options; EXTRA_ARGS overrides single "
+            "values.", group="advanced"),
+    Setting("EXTRA_ARGS", "json", None, "Framework options as a JSON object, over PRESET's; each "
+            "one typed and ranged in the trainer's capabilities.", group="advanced"),
     Setting("MAX_BAD_IMAGES", "int", 0, "Unreadable, truncated or oversized images skipped (with "
             "one warning listing them) before the dataset check fails.", minimum=0,
             group="advanced"),
@@ -723,6 +725,7 @@ class Capabilities:
     # A regex of MODEL_NAMEs accepted beyond `models` (which is then a catalogue, not the whole
     # list: e.g. any timm name); None: only the listed models.
     model_name_pattern: str | None = None
+    options: FrameworkOptions | None = None  # EXTRA_ARGS as typed fields, and presets
 
     def export_format(self, name: str) -> ExportFormat:
         for fmt in self.export_formats:
@@ -834,6 +837,9 @@ def _declaration_problems(caps: Capabilities, scripts: Mapping[str, Sequence[Set
                         f"from the declared export formats {declared}")
     if export is None and declared:
         problems.append("export formats are declared but there is no export.py")
+    if caps.options is not None:
+        problems += [f"preset {name}: {problem}" for name, preset in caps.options.presets.items()
+                     for problem in caps.options.problems(preset.values)]
     return problems
 
 
@@ -859,8 +865,10 @@ def build_manifest(trainer: str, capabilities: Capabilities,
                       "version": framework_version or installed_version(caps["package"])},
         **{key: caps[key] for key in ("tasks", "models", "model_name_pattern", "dataset_layouts",
                                       "export_formats")},
-        "scripts": {name: {"file": f"{name}.py", "settings_schema": settings_schema(
-            merge_settings(PLATFORM_SETTINGS, scripts[name]), f"{name}.py settings")}
+        "framework_options": options_manifest(capabilities.options),
+        "scripts": {name: {"file": f"{name}.py", "settings_schema": with_options_schema(
+            settings_schema(merge_settings(PLATFORM_SETTINGS, scripts[name]),
+                            f"{name}.py settings"), capabilities.options)}
             for name in SCRIPTS if name in scripts},
     }
     return json.loads(json.dumps(manifest))  # plain JSON types: tuples become lists
@@ -974,7 +982,8 @@ def validate_job_settings(manifest: Mapping[str, Any], script: str,
                 "*", values[condition["setting"]]):
             when = " is set" if condition["value"] == "*" else f"={condition['value']}"
             problems.append(f"{name} is required when {condition['setting']}{when}")
-    return problems + _model_problems(manifest, props, values)
+    return problems + _model_problems(manifest, props, values) + _extra_args_problems(
+        manifest, props, values)
 
 
 def _model_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
@@ -1006,6 +1015,157 @@ def _model_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
             problems.append(f"MODEL_NAME={name!r} is for {model['task_type']}, not "
                             f"TASK_TYPE={task!r}")
     return problems
+
+
+# -- framework options -----------------------------------------------------------------------------
+# EXTRA_ARGS as a form a UI can render. A trainer declares its framework's options once (its
+# options.py): JSON Schema properties (type, default, minimum/maximum or enum, description,
+# `x-group`), generated from the framework's own definitions where it has them (tools/sync.py
+# writes framework_options.py from the trainer's `generate()`); the options left out, each with
+# why; and named presets. The manifest carries the schema in place of EXTRA_ARGS' bare object;
+# run_job resolves PRESET + EXTRA_ARGS before any work. The checker covers the subset of JSON
+# Schema the declarations use (type, enum, minimum, maximum, no other keys): jsonschema is a
+# test dependency only, not one of the images'.
+
+_OPTION_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "integer": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "boolean": (lambda v: isinstance(v, bool), "a boolean"),
+    "array": (lambda v: isinstance(v, list), "a list"),
+    "null": (lambda v: v is None, "null"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named, documented bundle of option values; EXTRA_ARGS overrides single ones."""
+
+    description: str
+    values: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameworkOptions:
+    """The framework options EXTRA_ARGS may set, those it may not (name -> why), and presets."""
+
+    properties: Mapping[str, Mapping[str, Any]]
+    excluded: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    presets: Mapping[str, Preset] = dataclasses.field(default_factory=dict)
+    source: str = ""  # where the properties come from, e.g. "ultralytics 8.4.190 default.yaml"
+
+    def __post_init__(self) -> None:
+        problems = [f"{name}: no type, description or x-group" for name, prop in
+                    self.properties.items() if not {"type", "description", "x-group"} <= set(prop)]
+        if problems:
+            raise ValueError("inconsistent framework options: " + "; ".join(problems))
+
+    def schema(self) -> dict[str, Any]:
+        return {"properties": dict(self.properties), "additionalProperties": False}
+
+    def problems(self, values: Mapping[str, Any]) -> list[str]:
+        """Every problem with `values` (an EXTRA_ARGS object), each naming option and value."""
+        problems = []
+        for name, value in values.items():
+            prop = self.properties.get(name)
+            if prop is None and name in self.excluded:
+                problems.append(f"EXTRA_ARGS.{name} cannot be set: {self.excluded[name]}")
+            elif prop is None:
+                close = [repr(m) for m in _close_matches(name, self.properties)]
+                problems.append(f"EXTRA_ARGS.{name} is not an option of this trainer" + (
+                    f" (did you mean {' or '.join(close)}?)" if close else ""))
+            elif not _option_fits(prop, value):
+                problems.append(f"EXTRA_ARGS.{name}={value!r} is not {allowed_values(prop)}")
+        return problems
+
+    def resolve(self, preset: str | None, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        """PRESET's values with EXTRA_ARGS over them; one ConfigError naming every problem."""
+        problems = self.problems(extra or {})
+        if preset and preset not in self.presets:
+            problems.insert(0, f"PRESET={preset!r} is not a preset of this trainer (presets: "
+                            f"{', '.join(self.presets) or 'none'})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return {**(self.presets[preset].values if preset else {}), **(extra or {})}
+
+
+def _close_matches(name: str, names: Iterable[str]) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(name, list(names), n=1)
+
+
+def _option_fits(prop: Mapping[str, Any], value: Any) -> bool:
+    types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+    if not any(_OPTION_TYPES[t][0](value) for t in types):
+        return False
+    if "enum" in prop and value not in prop["enum"]:
+        return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return prop.get("minimum", value) <= value <= prop.get("maximum", value)
+    return True
+
+
+def allowed_values(prop: Mapping[str, Any]) -> str:
+    """What an option accepts, in words: "a number from 0 to 1", "one of 'batch', 'pair'"."""
+    if "enum" in prop:
+        return "one of " + ", ".join(map(repr, prop["enum"]))
+    types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+    words = " or ".join(_OPTION_TYPES[t][1] for t in types)
+    low, high = prop.get("minimum"), prop.get("maximum")
+    if low is not None and high is not None:
+        return f"{words} from {low:g} to {high:g}"
+    if low is not None or high is not None:
+        return f"{words} {'>=' if low is not None else '<='} {low if high is None else high:g}"
+    return words
+
+
+def options_manifest(options: FrameworkOptions | None) -> dict[str, Any] | None:
+    """The manifest's `framework_options`: where the schema comes from, exclusions, presets."""
+    if options is None:
+        return None
+    return {"source": options.source, "excluded": dict(options.excluded),
+            "presets": {name: {"description": p.description, "values": dict(p.values)}
+                        for name, p in options.presets.items()}}
+
+
+def with_options_schema(schema: dict[str, Any], options: FrameworkOptions | None
+                        ) -> dict[str, Any]:
+    """A script's settings schema with EXTRA_ARGS typed field by field and PRESET's choices."""
+    props = schema["properties"]
+    if options is not None and "EXTRA_ARGS" in props:
+        props["EXTRA_ARGS"].update(options.schema())
+        if "PRESET" in props and options.presets:
+            props["PRESET"]["enum"] = list(options.presets)
+    return schema
+
+
+def apply_options(cfg: Config, options: FrameworkOptions | None) -> Config:
+    """`cfg` with EXTRA_ARGS resolved (PRESET's values, EXTRA_ARGS over them) and checked."""
+    if "EXTRA_ARGS" not in cfg._settings:
+        return cfg
+    preset = cfg.get("PRESET") if "PRESET" in cfg._settings else None
+    if options is None:
+        if preset:
+            raise ConfigError(f"PRESET={preset!r}: this trainer declares no presets")
+        return cfg
+    return dataclasses.replace(cfg, extra_args=options.resolve(preset, cfg.get("EXTRA_ARGS")))
+
+
+def option_params(cfg: Config) -> dict[str, Any]:
+    """The resolved framework options as MLflow params: `extra.mosaic`, ..."""
+    extra = cfg.get("EXTRA_ARGS") if "EXTRA_ARGS" in cfg._settings else None
+    return {f"extra.{name}": value for name, value in (extra or {}).items()}
+
+
+def _extra_args_problems(manifest: Mapping[str, Any], props: Mapping[str, Any],
+                         values: Mapping[str, Any]) -> list[str]:
+    """A job's EXTRA_ARGS against the options schema in the manifest (validate_job_settings)."""
+    prop = props.get("EXTRA_ARGS", {})
+    if "properties" not in prop or not isinstance(values.get("EXTRA_ARGS"), dict):
+        return []
+    excluded = (manifest.get("framework_options") or {}).get("excluded", {})
+    return FrameworkOptions(prop["properties"], excluded).problems(values["EXTRA_ARGS"])
 
 
 # =============================================================================================
@@ -2645,7 +2805,8 @@ class Job:
             if tracker.start(run_name or f"{prefix}-{self.job_id}", tags):
                 self.tracker = tracker
                 self.tracker.log_params({k: v for k, v in self.cfg.redacted().items()
-                                         if not self.cfg._settings[k].secret})
+                                         if not self.cfg._settings[k].secret}
+                                        | option_params(self.cfg))
         self.notify_status("running")
 
     def _continue_earlier_attempt(self) -> None:
@@ -2790,7 +2951,8 @@ def print_capabilities(work: Callable[..., Any], framework: str) -> int:
 
 def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobResult | None], *,
             framework: str, argv: Sequence[str] | None = None, description: str | None = None,
-            prog: str | None = None, environ: Mapping[str, str] | None = None) -> int:
+            prog: str | None = None, environ: Mapping[str, str] | None = None,
+            options: FrameworkOptions | None = None) -> int:
     """Run one job: parse settings -> `running` -> work(job) -> `completed`, or fail cleanly.
 
     Returns the exit code (see EXIT_CODES); `main` does `sys.exit(run_job(...))`. With
@@ -2806,6 +2968,7 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
                       else "INFO")
     try:
         cfg = parse_settings(settings, argv, environ, prog=prog, description=description)
+        cfg = apply_options(cfg, options)  # PRESET + EXTRA_ARGS, checked before any work
     except ConfigError as exc:
         log.error("%s", one_line(str(exc)))
         _report_config_error(exc, environ)

@@ -3,7 +3,8 @@
 The manifest built from this and every script's settings table is committed as
 capabilities.json (kept current by `python tools/sync.py` in the monorepo root). The platform's
 UI builds its forms from it and validates a job against it before launch
-(`utils.validate_job_settings`). Keep this module import-light: no torch, no timm.
+(`utils.validate_job_settings`). Keep this module import-light: no torch, no timm (options.py
+reads the generated framework_options.py).
 
 `MODELS` is a catalogue of common choices, not the whole list: train.py takes any of timm's
 ~1300 architectures (`timm.list_models()`), optionally with a pretrained tag, or a Hugging Face
@@ -13,6 +14,7 @@ before anything is downloaded (model.check_model_name).
 
 from __future__ import annotations
 
+import options
 import utils
 
 TASK = "image_classification"
@@ -45,4 +47,5 @@ CAPABILITIES = utils.Capabilities(
     dataset_layouts=(utils.DATASET_LAYOUTS["image_folder"],),
     export_formats=(utils.EXPORT_ONNX, utils.EXPORT_TORCHSCRIPT),
     model_name_pattern=MODEL_NAME_PATTERN,
+    options=options.OPTIONS,
 )

@@ -146,12 +146,13 @@ def eval_transform(data_config: dict[str, Any]):
 
 
 def train_transform(data_config: dict[str, Any], *, hflip: float, crop_scale: float,
-                    auto_augment: str | None):
+                    auto_augment: str | None, **options: Any):
+    """`options`: more create_transform keywords (EXTRA_ARGS' augmentation, options.py)."""
     return create_transform(
         input_size=tuple(data_config["input_size"]), is_training=True,
         interpolation=data_config["interpolation"], mean=tuple(data_config["mean"]),
         std=tuple(data_config["std"]), scale=(crop_scale, 1.0), hflip=hflip,
-        auto_augment=auto_augment or None)
+        auto_augment=auto_augment or None, **options)
 
 
 # -- loaders ----------------------------------------------------------------------------------

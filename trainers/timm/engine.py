@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,11 +65,12 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
 
 
 def build_mixup(mixup: float, cutmix: float, label_smoothing: float,
-                num_classes: int) -> Mixup | None:
+                num_classes: int, **options: Any) -> Mixup | None:
+    """`options`: more Mixup keywords (EXTRA_ARGS' mixup_prob, ..., options.py)."""
     if mixup <= 0 and cutmix <= 0:
         return None
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                 num_classes=num_classes)
+                 num_classes=num_classes, **options)
 
 
 def build_loss(label_smoothing: float, mixup: Mixup | None) -> nn.Module:

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import options
 import utils
 
 if TYPE_CHECKING:  # heavy (torch, timm): imported by `train` when a job runs
@@ -72,7 +73,7 @@ SETTINGS = utils.merge_settings(
 
 def main(argv: list[str] | None = None) -> int:
     return utils.run_job("train", SETTINGS, train, framework=FRAMEWORK, argv=argv,
-                         description=__doc__, prog="train.py")
+                         description=__doc__, prog="train.py", options=options.OPTIONS)
 
 
 def train(job: utils.Job) -> utils.JobResult:
@@ -94,18 +95,19 @@ def train(job: utils.Job) -> utils.JobResult:
 
 
 def check_settings(cfg) -> dict[str, Any]:
-    """Everything timm can check before any download: names, EXTRA_ARGS, the augmentation."""
+    """Everything timm can check before any download: names, EXTRA_ARGS' model keywords (its
+    schema checked the rest before the job started), the augmentation policy."""
     import timm.optim
     from timm.data import create_transform
 
     from model import check_model_args, check_model_name
 
     problems: list[str] = []
-    model_kwargs = dict(cfg.extra_args or {})
+    model_kwargs = options.split(cfg.extra_args)["model"]
     if not cfg.checkpoint_path:  # with one, the architecture comes from the checkpoint
         try:
             check_model_name(cfg.model_name)
-            model_kwargs = check_model_args(cfg.model_name, cfg.extra_args)
+            model_kwargs = check_model_args(cfg.model_name, model_kwargs)
         except utils.ConfigError as exc:
             problems.append(str(exc))
     if cfg.optimizer not in timm.optim.list_optimizers():

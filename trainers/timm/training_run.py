@@ -20,6 +20,7 @@ from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 
 import engine
+import options
 import utils
 from data import (
     ImageFolder,
@@ -84,6 +85,7 @@ class Start:
 def build_run(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any],
               offline: str | None) -> Run:
     cfg = job.cfg
+    extra = options.split(cfg.extra_args)  # the augmentation and mixing keywords of EXTRA_ARGS
     random_seed(cfg.seed, dist.rank)
     start = starting_point(job, dist, model_kwargs)
     checkpoint = start.checkpoint
@@ -108,7 +110,8 @@ def build_run(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any],
     loader = train_loader(
         ImageFolder(splits.train, train_transform(data_config, hflip=cfg.hflip,
                                                   crop_scale=cfg.crop_scale,
-                                                  auto_augment=cfg.auto_augment)),
+                                                  auto_augment=cfg.auto_augment,
+                                                  **extra["transform"])),
         cfg.batch_size, workers=workers, seed=cfg.seed, dist=dist)
     precision = engine.resolve_precision(cfg.amp, device)
     optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.learning_rate,
@@ -130,7 +133,7 @@ def build_run(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any],
     if cfg.compile:
         net = torch.compile(net)
     mixup = engine.build_mixup(cfg.mixup, cfg.cutmix, cfg.label_smoothing,
-                               len(splits.class_names))
+                               len(splits.class_names), **extra["mixup"])
     return Run(
         model=model, net=net, ema=ema, optimizer=optimizer, scheduler=scheduler,
         loss_fn=engine.build_loss(cfg.label_smoothing, mixup).to(device), mixup=mixup,

@@ -3,8 +3,8 @@
 The manifest built from this and every script's settings table is committed as
 capabilities.json (kept current by `python tools/sync.py` in the monorepo root). The platform's
 UI builds its forms from it and validates a job against it before launch
-(`utils.validate_job_settings`). Import-light: utils and model.py's tables, never torch or
-Ultralytics.
+(`utils.validate_job_settings`). Import-light: utils, model.py's tables and the generated
+framework_options.py (through options.py), never torch or Ultralytics.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import model
+import options
 import utils
 
 # Families whose YAMLs ship with Ultralytics and whose weights it publishes for all three tasks
@@ -55,4 +56,5 @@ CAPABILITIES = utils.Capabilities(
     ),
     export_formats=EXPORT_FORMATS,
     model_name_pattern=MODEL_NAME_PATTERN,
+    options=options.OPTIONS,
 )

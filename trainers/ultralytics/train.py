@@ -24,6 +24,7 @@ from typing import Any
 
 import distributed
 
+import options
 import utils
 
 log = logging.getLogger(f"trainer.{__name__}")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.relaunch_under_torchrun(Path(__file__).resolve(),
                                             sys.argv[1:] if argv is None else argv, processes)
     return utils.run_job("train", SETTINGS, train, framework=FRAMEWORK, argv=argv,
-                         description=__doc__, prog="train.py")
+                         description=__doc__, prog="train.py", options=options.OPTIONS)
 
 
 def train(job: utils.Job) -> utils.JobResult:
@@ -67,7 +68,6 @@ def train(job: utils.Job) -> utils.JobResult:
 
 def fit(job: utils.Job):
     """Check everything, stage the inputs, train; Ultralytics' trainer and our reporter."""
-    import options
     import reporting
     import runtime
 

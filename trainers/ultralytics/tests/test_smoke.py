@@ -130,7 +130,8 @@ def test_unknown_extra_args_fail_before_any_work(bucket: Path, tmp_path: Path) -
     failed = run("train.py", env)
     assert failed.returncode == 2, failed.stderr[-3000:]
     reason = (tmp_path / "work" / "failure").read_text()
-    assert "'mosiac' (did you mean 'mosaic'?)" in reason and "'epochs' (use EPOCHS)" in reason
+    assert "EXTRA_ARGS.mosiac is not an option of this trainer (did you mean 'mosaic'?)" in reason
+    assert "EXTRA_ARGS.epochs cannot be set: set by the job: use EPOCHS" in reason
     assert not (tmp_path / "work" / "cache").exists(), "the dataset was staged anyway"
 
 
