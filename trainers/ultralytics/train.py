@@ -74,6 +74,7 @@ def fit(job: utils.Job):
     cfg = job.cfg
     spec = model.resolve_model(cfg.model_name, cfg.task_type)
     weights_dir = Path(cfg.weights_dir).resolve() if cfg.weights_dir else job.cache_dir / "weights"
+    utils.log.info("loading Ultralytics (%s)", "offline" if cfg.offline else "downloads allowed")
     runtime.prepare(job.work_dir, weights_dir, cpu_threads=runtime.cpu_threads(cfg.device),
                     offline=cfg.offline, rank=job.rank)
     device = model.ultralytics_device(cfg.device)
@@ -101,6 +102,8 @@ def fit(job: utils.Job):
                                             save_dir=save_dir, extra=extra,
                                             world_size=job.world_size)
         arguments["pretrained"] = start.source.endswith(".pt")
+    utils.log.info("building %s from %s", spec.name if not cfg.checkpoint_path else
+                   start.checkpoint.model_name, Path(start.source).name)
     yolo = YOLO(start.source, task=start.task)
     reporter = reporting.EpochReporter(job, start.task, job.work_dir / "checkpoints")
     if job.is_main:
@@ -134,6 +137,8 @@ def choose_start(job: utils.Job, spec, weights_dir: Path) -> Start:
     path = Path(distributed.rank_zero_first(job, "checkpoint",
                                             lambda: str(job.fetch_checkpoint())))
     info = model.inspect_checkpoint(path)
+    utils.check_checkpoint_model(cfg, info.model_name,
+                                 lambda wanted, held: model.same_model(wanted, held, info.task))
     if cfg.task_type and model.TASKS.get(cfg.task_type) != info.task:
         raise utils.ConfigError(f"TASK_TYPE={cfg.task_type} but CHECKPOINT_PATH holds a "
                                 f"{info.task_type} model")
