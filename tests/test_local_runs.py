@@ -292,3 +292,47 @@ def test_ultralytics_chatter_is_dropped_and_uncoloured_unless_debug():
     result = subprocess.run([sys.executable, "-c", NOISE_PROBE], cwd=REPO / "trainers" /
                             "ultralytics", capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_torchrun_without_job_id_fails_naming_it(utils_module, bucket, tmp_path):
+    """Each process would generate its own id: the processes of one job must share JOB_ID."""
+    env = local_env(bucket, WORK_DIR=str(tmp_path / "work"), WORLD_SIZE="2", RANK="0",
+                    LOCAL_RANK="0")
+    assert run(utils_module, env, lambda job: None) == utils_module.EXIT_CONFIG
+    assert "JOB_ID is required under torchrun" in (tmp_path / "work" / "failure").read_text()
+
+
+BEST_PROBE = """
+import types
+import reporting
+
+
+class Validating:  # what platform_trainer needs of an Ultralytics trainer: validate's contract
+    def __init__(self, values):
+        self.values, self.best_fitness = iter(values), None
+        self.validator = types.SimpleNamespace(metrics=None)
+
+    def validate(self):
+        value = next(self.values)
+        self.validator.metrics = types.SimpleNamespace(
+            results_dict={"metrics/mAP50-95(B)": value})
+        return {"metrics/mAP50-95(B)": round(value, 5)}, value
+
+
+values = [0.0, 0.0, 2.97e-05, 3.24e-05, 0.2, 0.1, 0.2, 0.3]
+trainer = reporting.platform_trainer(Validating, "detect")(values)
+improved = []
+for _ in values:
+    trainer.fitness = trainer.validate()[1]
+    improved.append(trainer.improved)
+print(improved, trainer.best_fitness)
+"""
+
+
+def test_best_means_better_than_every_earlier_epoch():
+    """From scratch mAP sits at 0.0: a tie is not an improvement, a gain below the validator's
+    rounding is."""
+    result = subprocess.run([sys.executable, "-c", BEST_PROBE], cwd=REPO / "trainers" /
+                            "ultralytics", capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == (
+        "[True, False, True, True, True, False, False, True] 0.3"), result.stderr[-3000:]
