@@ -44,6 +44,9 @@ def test_the_default_demo_learns(tmp_path: Path) -> None:
     best_lines = [line for line in result.stderr.splitlines() if line.endswith("(best)")]
     assert len(best_lines) == sum(improved)
 
+    assert {p.name for p in (work / "checkpoints").glob("*.pt")} == {"best.pt", "last.pt"}
+    assert f"best checkpoint: {work / 'checkpoints' / 'best.pt'} (" in result.stdout
+
     log = result.stderr
     assert f"train job {job_id} (ultralytics; no JOB_ID" in log
     assert "Creating new Ultralytics Settings" not in log and "engine/trainer:" not in log

@@ -184,6 +184,7 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
         if reporter.epochs_reported:  # epoch-N first, last.pt a server-side copy (as end_epoch)
             keys.insert(0, job.checkpoint_key(f"epoch-{reporter.epochs_reported[-1]}.pt"))
         job.upload(last, keys[0], background=True, copies=keys[1:])
+    kept = keep_finished_models(job.work_dir / "checkpoints", best, last)
     final = reporter.final or reporter.last
     metrics = dict(final.metrics) if final else {}
     if reporter.best_epoch is not None:
@@ -200,10 +201,24 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
         job.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=step)
     artifacts = sorted({p for pattern in ARTIFACTS for p in save_dir.glob(pattern)})
     job.upload_artifacts(artifacts)
-    print(f"best checkpoint: {job.best_checkpoint_uri}")
+    print(f"best checkpoint: {kept.get('best.pt', '-')} ({job.best_checkpoint_uri})")
     print(f"artifacts: {job.storage.uri(job.artifact_key(''))}")
     print(f"work dir: {job.work_dir}")
     return utils.JobResult(metrics=metrics, checkpoint_path=job.best_checkpoint_uri)
+
+
+def keep_finished_models(folder: Path, *models: Path) -> dict[str, Path]:
+    """Copies of the finished models in WORK_DIR/checkpoints/, where every trainer keeps its
+    best.pt and last.pt: copies, as Ultralytics rewrites its own files in place."""
+    import shutil
+
+    kept = {}
+    for source in models:
+        if source.is_file():
+            with utils.atomic_path(folder / source.name) as tmp:
+                shutil.copyfile(source, tmp)
+            kept[source.name] = folder / source.name
+    return kept
 
 
 if __name__ == "__main__":
