@@ -277,7 +277,8 @@ chatter = ["Creating new Ultralytics Settings v0.0.8 file \\u2705 \\nView Ultral
            "\\x1b[34m\\x1b[1mengine/trainer: \\x1b[0magnostic_nms=False, amp=False, " * 20,
            "\\n                   from  n    params  module      arguments",
            "  0                  -1  1       464  ultralytics.nn.modules.conv.Conv  [3, 16]",
-           " 12             [-1, 6]  1         0  ultralytics.nn.modules.conv.Concat [1]"]
+           " 12             [-1, 6]  1         0  ultralytics.nn.modules.conv.Concat [1]",
+           "\\nExport complete (1.2s)\\nPredict: yolo predict model=/tmp/gone.onnx"]
 assert not any(quiet.filter(record(m)) for m in chatter)
 assert all(loud.filter(record(m)) for m in chatter)
 kept = record("\\x1b[34m\\x1b[1moptimizer:\\x1b[0m AdamW(lr=0.001)")

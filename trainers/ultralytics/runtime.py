@@ -16,7 +16,8 @@ directory and no network attempt of Ultralytics' own.
 
 Its chatter stays out of the job's log unless LOG_LEVEL=DEBUG (`FrameworkNoise`): the notes
 about the settings file it creates, the dump of every training argument, the model's
-layer-by-layer table; and its ANSI colours whenever stderr is not a terminal. Its progress,
+layer-by-layer table, the `yolo predict ...` hints after an export (they name a temporary file
+that is gone by then); and its ANSI colours whenever stderr is not a terminal. Its progress,
 summaries, warnings and errors stay.
 """
 
@@ -37,6 +38,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _NOISE = re.compile(
     r"\s*(Creating new Ultralytics Settings|View Ultralytics Settings|Update Settings with"
     r"|engine/trainer: "  # every training argument in one line of 1,500+ characters
+    r"|Export complete"  # `yolo predict model=<a temp file export.py has since removed>` hints
     r"|from\s+n\s+params\s+module"  # the header of the model's layer table ...
     r"|\d+\s+(-1|\[[-\d, ]+\])\s+\d+\s+\d+\s+\S+)")  # ... and its rows
 
