@@ -73,18 +73,22 @@ def overlaps(box: tuple[float, ...], others: list[tuple[float, ...]], margin: fl
                box[1] < o[3] + margin and o[1] < box[3] + margin for o in others)
 
 
-def scene(rng: random.Random, size: int, max_objects: int) -> tuple[Image.Image,
-                                                                    list[tuple[int, Polygon]]]:
-    """A canvas with 1..max_objects shapes that do not touch; their class ids and outlines."""
+def scene(rng: random.Random, size: int, max_objects: int, first_class: int | None = None,
+          ) -> tuple[Image.Image, list[tuple[int, Polygon]]]:
+    """A canvas with 1..max_objects shapes that do not touch; their class ids and outlines.
+
+    `first_class` fixes the first shape's class (classification balances its classes)."""
     image = dark_canvas(rng, size)
     draw = ImageDraw.Draw(image)
     placed: list[tuple[int, Polygon]] = []
     boxes: list[tuple[float, ...]] = []
-    for _ in range(rng.randint(1, max_objects)):
+    for number in range(rng.randint(1, max_objects)):
         for _attempt in range(20):
             radius = rng.uniform(size * 0.1, size * 0.25)  # 1/5 to 1/2 of the side across
             cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
             class_id = rng.randrange(len(CLASSES))
+            if number == 0 and first_class is not None:
+                class_id = first_class
             polygon = shape_polygon(CLASSES[class_id], cx, cy, radius, rng.uniform(-0.4, 0.4))
             box = bounds(polygon)
             if not overlaps(box, boxes, size * 0.02):
@@ -130,7 +134,8 @@ def write_archive(zf: zipfile.ZipFile, name: str, task: str, counts: dict[str, i
     for split, count in counts.items():
         for index in range(count):
             if task == "classify":
-                image, placed = scene(rng, size, max_objects=1)
+                image, placed = scene(rng, size, max_objects=1,
+                                      first_class=index % len(CLASSES))
                 class_name = CLASSES[placed[0][0]]
                 add(zf, f"{name}/{split}/{class_name}/{split}_{index:05d}.jpg", jpeg(image))
                 continue
