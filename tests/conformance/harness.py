@@ -574,10 +574,13 @@ class Run:
         stdout = (self.run_dir / f"{self.label}.stdout").read_text(errors="replace")
         stderr = (self.run_dir / f"{self.label}.stderr").read_text(errors="replace")
         ended = self.ended or time.monotonic()
-        job_id = self.env.get("JOB_ID") or "local"  # utils' default when JOB_ID is unset
+        events = self.events()
+        # Without JOB_ID the job generates its own id (local-...); its journal names it.
+        job_id = self.env.get("JOB_ID") or next(
+            (e["body"]["job_id"] for e in events if e.get("body", {}).get("job_id")), "local")
         return RunResult(self.subject.name, self.label, job_id, self.run_dir,
                          self.env, self.process.returncode, ended - self.started, stdout, stderr,
-                         self.events(), self.backend, ended, self._started_wall)
+                         events, self.backend, ended, self._started_wall)
 
 
 def run_to_end(subject: Subject, scenario: str, env: dict[str, str], *,

@@ -64,21 +64,27 @@ def train(job: utils.Job) -> utils.JobResult:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    model_name, checkpoint = cfg.model_name, None
+    if cfg.checkpoint_path:  # before the dataset: a checkpoint that cannot serve fails at once
+        checkpoint = load_checkpoint(job.fetch_checkpoint())
+        utils.check_checkpoint_model(cfg, checkpoint["model_name"])
+        model_name = checkpoint["model_name"]
+        model_kwargs = {**checkpoint.get("model_kwargs", {}), **model_kwargs}
 
     splits = load_splits(job.stage_dataset(), cfg.image_size, cfg.max_bad_images)
     train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True,
                                workers=cfg.num_workers, seed=cfg.seed)
     val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, workers=cfg.num_workers)
-    model = create_model(cfg.model_name, len(splits.class_names), **model_kwargs).to(device)
+    model = create_model(model_name, len(splits.class_names), **model_kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     precision = Precision.resolve(cfg.amp, device)
 
     start_epoch, best_value = 1, -math.inf
-    if cfg.checkpoint_path:
-        start_epoch, best_value = restore(load_checkpoint(job.fetch_checkpoint()), model,
-                                          optimizer, scheduler, splits.class_names)
+    if checkpoint is not None:
+        start_epoch, best_value = restore(checkpoint, model, optimizer, scheduler,
+                                          splits.class_names)
 
     out_dir = job.work_dir / "checkpoints"
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -94,7 +100,7 @@ def train(job: utils.Job) -> utils.JobResult:
         save_checkpoint(
             last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), epoch=epoch, epochs=cfg.epochs,
-            best_value=best_value, model_name=cfg.model_name, model_kwargs=model_kwargs,
+            best_value=best_value, model_name=model_name, model_kwargs=model_kwargs,
             class_names=splits.class_names, image_size=cfg.image_size,
             mean=list(splits.train.transform.transforms[-1].mean),
             std=list(splits.train.transform.transforms[-1].std),

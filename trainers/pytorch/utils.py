@@ -394,9 +394,14 @@ class Config:
     """Base of the frozen, typed settings object `parse_settings` returns (attrs: lower-case)."""
 
     _settings: Mapping[str, Setting] = {}
+    _given: frozenset[str] = frozenset()  # names set by a flag or a variable, not defaulted
 
     def get(self, name: str) -> Any:
         return getattr(self, name.lower())
+
+    def given(self, name: str) -> bool:
+        """Whether NAME was set explicitly (flag or variable), rather than left to its default."""
+        return name in self._given
 
     def redacted(self) -> dict[str, Any]:
         """Every setting by env name, secrets replaced: safe to log and to send to MLflow."""
@@ -424,31 +429,107 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"command line: {message}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps at the terminal's width between words, never inside one (`image_classification`
+    stays whole); a paragraph indented in the source (an example, a list) keeps its lines."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False,
+                             break_on_hyphens=False) or [""]
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        paragraphs = []
+        for paragraph in text.strip("\n").split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(textwrap.fill(
+                    " ".join(paragraph.split()), width, initial_indent=indent,
+                    subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
+        return "\n\n".join(paragraphs)
+
+
+# --help's sections, in order: the script's own job first, then where things go, then the rest.
+HELP_SECTIONS = {
+    "job": "job: dataset, model and hyperparameters",
+    "storage": "storage: where datasets, checkpoints and artifacts live",
+    "callbacks": "callbacks: reporting to the platform's backend",
+    "mlflow": "MLflow tracking",
+    "advanced": "advanced",
+}
+_SECTION_NAMES = {
+    "storage": ("STORAGE_TYPE", "STORAGE_BUCKET", "MINIO_", "R2_", "S3_ENDPOINT_URL",
+                "LOCAL_STORAGE_ROOT"),
+    "callbacks": ("CALLBACK_URL", "INTERNAL_AUTH_TOKEN", "CALLBACK_FLUSH_S"),
+    "mlflow": ("MLFLOW_",),
+}
+# What `--help`'s example passes for a required setting (others: their first choice or <NAME>).
+_EXAMPLE_VALUES = {"DATASET_ID": "sample", "CHECKPOINT_PATH": "checkpoints/job-<JOB_ID>/best.pt",
+                   "INPUT_PATH": "<an image or a folder of images>"}
+
+
+def help_section(setting: Setting) -> str:
+    """The --help section a setting is listed in (one of HELP_SECTIONS)."""
+    for section, names in _SECTION_NAMES.items():
+        if setting.name.startswith(names):
+            return section
+    return "advanced" if setting.group == "advanced" else "job"
+
+
+def help_example(settings: Sequence[Setting], prog: str | None) -> str:
+    """One command that runs the script on the bundled sample, for the end of --help."""
+    words = ["STORAGE_TYPE=local", "LOCAL_STORAGE_ROOT=.sample", "python", prog or "train.py"]
+    for s in settings:
+        if s.required:
+            value = _EXAMPLE_VALUES.get(s.name) or (s.choices[0] if s.choices else f"<{s.name}>")
+            words += [s.flag, f"'{value}'" if " " in value else value]
+    by_name = {s.name: s for s in settings}
+    if "PRETRAINED" in by_name and by_name["PRETRAINED"].default:
+        words += ["--pretrained", "false"]  # offline: pretrained weights need a download
+    if "EPOCHS" in by_name:
+        words += ["--epochs", "3"]
+    return " ".join(words)
+
+
 def build_parser(settings: Sequence[Setting], prog: str | None = None,
                  description: str | None = None) -> argparse.ArgumentParser:
     parser = _ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=description, formatter_class=_HelpFormatter,
         allow_abbrev=False,  # `--epoch 3` must not silently mean `--epochs 3`
+        add_help=False,  # -h goes last, with --capabilities, after the settings
         epilog="Every flag has an environment variable of the same name in capitals "
                "(shown in brackets); a flag wins over its variable.\n"
-               + _secrets_epilog(settings) +
-               "Exit codes: " + "; ".join(f"{c} {m}" for c, m in EXIT_CODES.items()) + ".")
-    for s in settings:
+               + _secrets_epilog(settings) + "\n"
+               "Exit codes: " + "; ".join(f"{c} {m}" for c, m in EXIT_CODES.items()) + ".\n\n"
+               "Example (after `python sample_data.py .sample`):\n\n"
+               "  " + help_example(settings, prog).replace("%", "%%"))
+    sections = {name: parser.add_argument_group(title) for name, title in HELP_SECTIONS.items()}
+    platform = {s.name for s in PLATFORM_SETTINGS}
+    # The script's own settings lead its section; the platform's (JOB_ID, DEVICE) follow them.
+    for s in sorted(settings, key=lambda s: s.name in platform):
         if s.secret:
             continue  # never a flag: argv is visible to every process on the node
         default = "<redacted>" if s.secret and s.default else s.default
         bits = [f"env {s.name}", s.kind]
         if s.choices:
-            bits.append("one of " + "|".join(s.choices))
+            bits.append("one of " + ", ".join(s.choices))
         if s.required:
             bits.append("required")
         elif default is not None:
             bits.append(f"default {default}")
-        parser.add_argument(s.flag, dest=s.attr, metavar=s.kind.upper(), default=None,
-                            help=f"{s.help} [{'; '.join(bits)}]".replace("%", "%%"))
-    parser.add_argument("--capabilities", action="store_true",
-                        help="print this trainer's capabilities manifest (JSON) and exit; "
-                             "reads no settings and does no work")
+        sections[help_section(s)].add_argument(
+            s.flag, dest=s.attr, metavar=s.kind.upper(), default=None,
+            help=f"{s.help} [{'; '.join(bits)}]".replace("%", "%%"))
+    other = parser.add_argument_group("other")
+    other.add_argument("-h", "--help", action="help", help="show this help and exit")
+    other.add_argument("--capabilities", action="store_true",
+                       help="print this trainer's capabilities manifest (JSON) and exit; "
+                            "reads no settings and does no work")
     return parser
 
 
@@ -467,6 +548,7 @@ def parse_settings(settings: Sequence[Setting], argv: Sequence[str] | None = Non
     problems: list[str] = []
     missing: list[str] = []
     invalid: set[str] = set()
+    given: set[str] = set()
     for s in settings:
         raw = getattr(args, s.attr, None)
         if raw is None:
@@ -482,6 +564,7 @@ def parse_settings(settings: Sequence[Setting], argv: Sequence[str] | None = Non
         if raw is None or raw.strip() == "":
             values[s.attr] = s.default
             continue
+        given.add(s.name)
         try:
             values[s.attr] = s.convert(raw)
         except ConfigError as exc:
@@ -505,6 +588,7 @@ def parse_settings(settings: Sequence[Setting], argv: Sequence[str] | None = Non
     cls = dataclasses.make_dataclass(
         "Config", [(s.attr, Any) for s in settings], bases=(Config,), frozen=True)
     cls._settings = {s.name: s for s in settings}
+    cls._given = frozenset(given)
     return cls(**values)
 
 
@@ -541,6 +625,24 @@ def secret_from_env(name: str, environ: Mapping[str, str]) -> str | None:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise ConfigError(f"{name}_FILE={file!r} cannot be read ({reason})") from None
     return text.removesuffix("\n").removesuffix("\r")
+
+
+def check_checkpoint_model(cfg: Config, checkpoint_model: str | None,
+                           same: Callable[[str, str], bool] | None = None) -> None:
+    """A resume or fine-tune trains the checkpoint's model: a MODEL_NAME given explicitly that
+    names another is a configuration error (naming both), not a setting silently ignored.
+
+    `same(model_name, checkpoint_model)` decides what counts as the same model (default: equal
+    names); a MODEL_NAME left to its default never conflicts.
+    """
+    wanted = cfg.get("MODEL_NAME")
+    if not cfg.given("MODEL_NAME") or not wanted or not checkpoint_model:
+        return
+    if not (same or (lambda a, b: a == b))(wanted, checkpoint_model):
+        raise ConfigError(
+            f"MODEL_NAME={wanted} but CHECKPOINT_PATH={cfg.get('CHECKPOINT_PATH')} holds a "
+            f"{checkpoint_model} model: unset MODEL_NAME to train the checkpoint's model, or "
+            f"unset CHECKPOINT_PATH to train {wanted}")
 
 
 def settings_markdown(settings: Sequence[Setting]) -> str:
@@ -1703,6 +1805,7 @@ def stage_dataset(storage: Storage, dataset_id: str, cache_dir: Path,
         return root
     if entry.exists():
         shutil.rmtree(entry)  # a previous attempt died half-way
+    log.info("dataset %s: staging %s (%.1f MB)", dataset_id, storage.uri(key), info.size / 2**20)
     entry.mkdir(parents=True)
     free = _free_bytes(entry, disk_budget_mb)
     if info.size > free:
@@ -2196,12 +2299,17 @@ class CallbackClient:
         self.retry_waiting = threading.Event()
 
     def _last_journaled_seq(self) -> int:
-        """Continue `seq` after a restart on the same work dir (idempotency keys stay unique)."""
+        """Continue `seq` after a restart on the same work dir (idempotency keys stay unique).
+
+        Only this job's events count: another job's journal in a shared WORK_DIR is not ours.
+        """
         last = 0
         with contextlib.suppress(FileNotFoundError):
             for line in self.journal.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):
-                    last = max(last, int(json.loads(line)["seq"]))
+                    event = json.loads(line)
+                    if event["body"]["job_id"] == self.job_id:
+                        last = max(last, int(event["seq"]))
         return last
 
     def send(self, method: str, route: str, body: dict[str, Any]) -> int:
@@ -2483,6 +2591,8 @@ class Tracker:
     def start(self, run_name: str, tags: Mapping[str, str]) -> str | None:
         if not self._reachable():
             return None
+        log.info("MLflow: starting run %s in experiment %s (%s)", run_name, self.experiment,
+                 "local store in the work dir" if self.local else redact_url(self.tracking_uri))
         # Fail fast instead of MLflow's default minutes of retries against a dead server.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -2553,6 +2663,7 @@ _NOISY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alemb
 # urllib3 warns on every retried connection; the callback client and the tracker already say it
 # once, in words (a dead MLflow server must cost one warning, not one per request).
 _QUIET_LOGGERS = ("urllib3",)
+FAILURE_NAME = "failure"  # the failed attempt's reason, one line, in the work dir
 
 
 class _RedactSecrets(logging.Filter):
@@ -2617,18 +2728,26 @@ class Job:
         self.local_rank = int(environ.get("LOCAL_RANK", "0") or 0)
         self.world_size = int(environ.get("WORLD_SIZE", "1") or 1)
         self.is_main = self.rank == 0
-        self.job_id = cfg.job_id or "local"
-        default_work = Path(tempfile.gettempdir()) / "vision-platform" / f"job-{self.job_id}"
-        self.work_dir = Path(cfg.work_dir or default_work).resolve()
+        self.id_generated = not cfg.job_id  # a local run: a job of its own, never a restart
+        if self.id_generated and self.world_size > 1:
+            raise ConfigError(f"JOB_ID is required under torchrun (WORLD_SIZE={self.world_size}):"
+                              " every process must name the same job")
+        self.job_id = cfg.job_id or local_job_id()
+        self.work_dir = Path(cfg.work_dir or default_work_dir(self.job_id)).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # an earlier attempt's reason must not outlive this attempt's start
+            (self.work_dir / FAILURE_NAME).unlink(missing_ok=True)
         self.cache_dir = Path(cfg.cache_dir).resolve() if cfg.cache_dir else self.work_dir / "cache"
         self.storage = Storage.from_config(cfg)
         self.cancel_requested = threading.Event()
         journal = self.work_dir / (JOURNAL_NAME if self.is_main
                                    else f"callbacks-rank{self.rank}.jsonl")
-        self.unfinished_attempt = _unfinished_attempt(journal)  # read before this attempt writes
+        # Read before this attempt writes. Only a restart of the same JOB_ID resumes: another
+        # job's events in a shared WORK_DIR never count, and a generated id is always new.
+        self.unfinished_attempt = not self.id_generated and _unfinished_attempt(journal,
+                                                                                self.job_id)
         self.callbacks = CallbackClient(
-            cfg.callback_url if self.is_main else None, cfg.internal_auth_token, cfg.job_id,
+            cfg.callback_url if self.is_main else None, cfg.internal_auth_token, self.job_id,
             journal, on_cancel=self.cancel_requested.set, ca_bundle=cfg.ca_bundle or None)
         self.uploads = Uploader(self.storage, self.work_dir / ".upload-staging")
         self.tracker: Tracker | NullTracker = NullTracker()  # a real one from start(), if any
@@ -2830,8 +2949,8 @@ class Job:
             return
         path = self.cfg.checkpoint_path
         journal = self.callbacks.journal
-        if not path or journal.exists() or not self.is_main or self.storage.split(path) != (
-                self.storage.bucket, own):
+        if not path or self.id_generated or journal.exists() or not self.is_main or (
+                self.storage.split(path) != (self.storage.bucket, own)):
             return
         try:
             self.storage.download(self.artifact_key(JOURNAL_NAME), journal)
@@ -2884,16 +3003,30 @@ class Job:
         self.uploads.close(0.1)
 
 
-def _unfinished_attempt(journal: Path) -> bool:
-    """Whether this work dir holds the journal of an attempt that did not complete."""
+def _unfinished_attempt(journal: Path, job_id: str) -> bool:
+    """Whether this work dir holds the journal of an attempt of `job_id` that did not complete."""
     statuses = []
     with contextlib.suppress(FileNotFoundError):
         for line in journal.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                 event = json.loads(line)
-                if event["route"] == "status":
+                if event["route"] == "status" and event["body"]["job_id"] == job_id:
                     statuses.append(event["body"]["status"])
     return bool(statuses) and statuses[-1] != "completed"
+
+
+def local_job_id(now: _dt.datetime | None = None) -> str:
+    """The id of a run started without JOB_ID: `local-YYYYmmdd-HHMMSS-xxxx` (UTC, 4 random hex).
+
+    Every such run is a job of its own, with its own work dir, storage keys and MLflow run, so
+    two local runs never resume, report over or overwrite each other.
+    """
+    now = now or _dt.datetime.now(_dt.UTC)
+    return f"local-{now:%Y%m%d-%H%M%S}-{os.urandom(2).hex()}"
+
+
+def default_work_dir(job_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / "vision-platform" / f"job-{job_id}"
 
 
 _active_job: Job | None = None
@@ -2909,7 +3042,7 @@ def _record_failure(work_dir: Path | None, line: str, termination_log: str | Non
     if work_dir is not None:
         with contextlib.suppress(OSError):
             work_dir.mkdir(parents=True, exist_ok=True)
-            (work_dir / "failure").write_text(line + "\n", encoding="utf-8")
+            (work_dir / FAILURE_NAME).write_text(line + "\n", encoding="utf-8")
     if termination_log and os.path.isfile(termination_log) and os.access(termination_log, os.W_OK):
         with contextlib.suppress(OSError), open(termination_log, "w", encoding="utf-8") as fh:
             fh.write(line + "\n")
@@ -2917,11 +3050,10 @@ def _record_failure(work_dir: Path | None, line: str, termination_log: str | Non
 
 def _report_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
     """Settings did not parse: still tell the backend, with whatever raw values are usable."""
-    job_id = environ.get("JOB_ID") or "local"
+    job_id = environ.get("JOB_ID") or local_job_id()
     if not IDENTIFIER.fullmatch(job_id):  # a bad JOB_ID must not name a path, even here
-        job_id = "local"
-    work_dir = environ.get("WORK_DIR") or str(
-        Path(tempfile.gettempdir()) / "vision-platform" / f"job-{job_id}")
+        job_id = local_job_id()
+    work_dir = environ.get("WORK_DIR") or str(default_work_dir(job_id))
     line = one_line(str(exc))
     _record_failure(Path(work_dir), line, environ.get("TERMINATION_LOG", "/dev/termination-log"))
     try:
@@ -2976,6 +3108,10 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
     configure_logging(cfg.log_level, cfg.secret_values())
     try:
         job = Job(kind, cfg, framework=framework, environ=environ)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        _report_config_error(exc, environ)
+        return exc.exit_code
     except OSError as exc:  # e.g. a WORK_DIR that cannot be created
         error = ConfigError(f"cannot set up the job: {exc.strerror or exc}: "
                             f"{exc.filename or cfg.work_dir}")
@@ -2983,7 +3119,8 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
         _report_config_error(error, environ)
         return error.exit_code
     _active_job = job
-    log.info("%s job %s (%s), work dir %s", kind, job.job_id, framework, job.work_dir)
+    log.info("%s job %s (%s%s), work dir %s", kind, job.job_id, framework,
+             "; no JOB_ID: a new local job" if job.id_generated else "", job.work_dir)
     log.debug("settings: %s", cfg.redacted())
 
     def on_sigterm(signum: int, frame: Any) -> None:

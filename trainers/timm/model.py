@@ -113,6 +113,15 @@ def architecture(model: nn.Module, name: str) -> str:
     return getattr(model, "pretrained_cfg", {}).get("architecture") or name
 
 
+def same_architecture(model_name: str, architecture_name: str) -> bool:
+    """Whether MODEL_NAME names this architecture, its pretrained tag and hub source aside
+    (resnet50.a1_in1k and hf-hub:timm/resnet50.a1_in1k are resnet50)."""
+    from timm.models import parse_model_name, split_model_name_tag
+
+    _, name = parse_model_name(model_name)
+    return split_model_name_tag(name.rsplit("/", 1)[-1])[0] == architecture_name
+
+
 def classifier_keys(model: nn.Module) -> set[str]:
     head = model.get_classifier()
     prefix = next((n for n, m in model.named_modules() if m is head), None)

@@ -39,6 +39,7 @@ from model import (
     inference_weights,
     load_checkpoint,
     load_weights,
+    same_architecture,
     set_classes,
 )
 
@@ -155,9 +156,7 @@ def starting_point(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any]) -> 
     if resume and checkpoint["epoch"] >= cfg.epochs:
         raise utils.ConfigError(f"EPOCHS={cfg.epochs} leaves nothing to resume: the "
                                 f"checkpoint already finished epoch {checkpoint['epoch']}")
-    if cfg.model_name != checkpoint["model_name"]:
-        log.info("training the checkpoint's %s (MODEL_NAME=%s does not apply)",
-                 checkpoint["model_name"], cfg.model_name)
+    utils.check_checkpoint_model(cfg, checkpoint["model_name"], same_architecture)
     return Start(checkpoint["model_name"],
                  {**checkpoint.get("model_kwargs", {}), **model_kwargs}, checkpoint, resume)
 

@@ -44,6 +44,15 @@ class ModelSpec:
         return f"{self.name}.pt"
 
 
+def same_model(model_name: str, checkpoint_model: str, task: str) -> bool:
+    """Whether MODEL_NAME names the checkpoint's architecture (yolo11n is yolo11n-seg when the
+    checkpoint segments: the task comes from the checkpoint)."""
+    try:
+        return resolve_model(model_name, TASK_TYPES[task]).name == checkpoint_model
+    except utils.ConfigError:  # e.g. yolo11n-cls for a detection checkpoint
+        return False
+
+
 def task_of_name(name: str) -> str:
     """The task a model name implies, by Ultralytics' suffix convention (no suffix: detect)."""
     for suffix, task in {**{v: k for k, v in SUFFIXES.items() if v}, **OTHER_SUFFIXES}.items():
@@ -144,7 +153,7 @@ def ultralytics_device(setting: str) -> str | None:
 class CheckpointInfo:
     path: Path
     task: str
-    model_name: str | None  # what its run trained, e.g. yolo11n (from its train args)
+    model_name: str | None  # its architecture, e.g. yolo11n (from its YAML or train args)
     class_names: list[str]
     image_size: int | None
     trained_epochs: int  # epochs this checkpoint has been trained for
@@ -191,7 +200,9 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     results = ckpt.get("train_results") or {}
     trained = epoch + 1 if epoch >= 0 else len(results.get("epoch", []))
     imgsz = args.get("imgsz")
-    source = args.get("model")
+    # The model's own YAML names the architecture; a fine-tuned model's train args name the
+    # checkpoint it started from (best.pt), not what it is.
+    source = (getattr(model, "yaml", None) or {}).get("yaml_file") or args.get("model")
     return CheckpointInfo(
         path=path, task=task, model_name=Path(str(source)).stem if source else None,
         class_names=class_names(model.names),

@@ -22,20 +22,40 @@ log = logging.getLogger(f"trainer.{__name__}")
 
 
 def platform_trainer(base: type, task: str) -> type:
-    """The task's Ultralytics trainer, picking best.pt by the platform's primary metric."""
+    """The task's Ultralytics trainer, picking best.pt by the platform's primary metric.
+
+    An epoch is the best only when it improved on every earlier one (the first always does):
+    from scratch the metric sits at 0.0 for epochs, and a tie is not progress. Ultralytics
+    itself rewrites best.pt on a tie (`best_fitness == fitness`); here best.pt stays the epoch
+    that `is_best` named.
+    """
 
     class PlatformTrainer(base):  # "Trainer" must stay in the name: Ultralytics checks it
+        improved = False  # whether the latest validation beat every earlier one
+
         def validate(self):
             previous_best = self.best_fitness
             results, fitness = super().validate()
             if results is None:  # DDP ranks other than 0 do not validate
+                self.improved = False
                 return results, fitness
-            fitness = metric_names.primary_value(task, results)
-            if previous_best is None or fitness > previous_best:
-                self.best_fitness = fitness
-            else:
-                self.best_fitness = previous_best
+            # The validator's own numbers: `results` are rounded to 5 decimals, which would
+            # call a real early gain (2.97e-5 -> 3.24e-5) a tie, though the platform is sent it.
+            fitness = metric_names.primary_value(task, self.validator.metrics.results_dict)
+            self.improved = previous_best is None or fitness > previous_best
+            self.best_fitness = fitness if self.improved else previous_best
             return results, fitness
+
+        def save_model(self):
+            if self.improved or self.best_fitness != self.fitness:
+                return super().save_model()
+            # A tie: Ultralytics would overwrite best.pt with this epoch. Aim it elsewhere.
+            best, self.best = self.best, self.wdir / "tied.pt"
+            try:
+                return super().save_model()
+            finally:
+                self.best.unlink(missing_ok=True)
+                self.best = best
 
     PlatformTrainer.__name__ = PlatformTrainer.__qualname__ = f"Platform{base.__name__}"
     return PlatformTrainer
@@ -69,7 +89,7 @@ class EpochReporter:
             self.final = result
             return
         epoch, self._trained_epoch = self._trained_epoch, None
-        is_best = trainer.fitness is not None and trainer.best_fitness == trainer.fitness
+        is_best = trainer.fitness is not None and getattr(trainer, "improved", False)
         checkpoint = self._snapshot(Path(trainer.last))
         training = metric_names.training_metrics(trainer)
         self.job.end_epoch(epoch, trainer.epochs, training, result, checkpoint=checkpoint,

@@ -13,12 +13,19 @@ would download Arial.ttf otherwise), turns every integration and the settings sy
 Ultralytics' default folders at the work dir and sends its log lines to stderr. The job reports
 through utils.py only: one MLflow run, the platform's callbacks, nothing written into the current
 directory and no network attempt of Ultralytics' own.
+
+Its chatter stays out of the job's log unless LOG_LEVEL=DEBUG (`FrameworkNoise`): the notes
+about the settings file it creates, the dump of every training argument, the model's
+layer-by-layer table, the `yolo predict ...` hints after an export (they name a temporary file
+that is gone by then); and its ANSI colours whenever stderr is not a terminal. Its progress,
+summaries, warnings and errors stay.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +36,38 @@ log = logging.getLogger(f"trainer.{__name__}")
 
 INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")  # the names Ultralytics' plots ask for
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_NOISE = re.compile(
+    r"\s*(Creating new Ultralytics Settings|View Ultralytics Settings|Update Settings with"
+    r"|engine/trainer: "  # every training argument in one line of 1,500+ characters
+    r"|Export complete"  # `yolo predict model=<a temp file export.py has since removed>` hints
+    r"|from\s+n\s+params\s+module"  # the header of the model's layer table ...
+    r"|\d+\s+(-1|\[[-\d, ]+\])\s+\d+\s+\d+\s+\S+)")  # ... and its rows
+
+
+class FrameworkNoise(logging.Filter):
+    """Drops Ultralytics' chatter (unless `verbose`) and its colours (unless `colour`)."""
+
+    def __init__(self, *, verbose: bool, colour: bool):
+        super().__init__()
+        self.verbose, self.colour = verbose, colour
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        plain = _ANSI.sub("", message)
+        if not self.verbose and record.levelno < logging.WARNING and _NOISE.match(plain):
+            return False
+        if not self.colour and plain != message:
+            record.msg, record.args = plain, ()
+        return True
+
+
+def quiet_framework_logs(*, verbose: bool) -> None:
+    """Install `FrameworkNoise` on Ultralytics' logger; before the import, which already talks."""
+    logger = logging.getLogger("ultralytics")
+    for old in [f for f in logger.filters if isinstance(f, FrameworkNoise)]:
+        logger.removeFilter(old)
+    logger.addFilter(FrameworkNoise(verbose=verbose, colour=sys.stderr.isatty()))
 
 
 def config_dir(work_dir: Path, rank: int = 0) -> Path:
@@ -58,6 +97,7 @@ def prepare(work_dir: Path, weights_dir: Path, *, cpu_threads: int | None = None
     user_dir = private / "Ultralytics"
     user_dir.mkdir(parents=True, exist_ok=True)
     install_fonts(user_dir)
+    quiet_framework_logs(verbose=log.isEnabledFor(logging.DEBUG))
     os.environ["YOLO_CONFIG_DIR"] = str(private)
     os.environ["YOLO_OFFLINE"] = "1"  # no DNS probe, analytics or pip updates; downloads are ours
     os.environ["YOLO_AUTOINSTALL"] = "false"  # a missing package fails the job, never pip-installs
@@ -83,6 +123,26 @@ def prepare(work_dir: Path, weights_dir: Path, *, cpu_threads: int | None = None
     for handler in logging.getLogger("ultralytics").handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
             handler.setStream(sys.stderr)  # stdout carries the job's results only
+    if not sys.stderr.isatty():
+        plain_progress_bars()
+
+
+def plain_progress_bars() -> None:
+    """Ultralytics' progress bars, fit for a log file: one line per bar (no cursor codes, which
+    it would send to any stream) and no colours in their labels (`train: Scanning ...`)."""
+    import ultralytics.utils.tqdm as progress
+
+    progress.is_noninteractive_console = lambda: True
+    display = progress.TQDM._display
+    if getattr(display, "_plain", False):
+        return
+
+    def plain_display(self, final: bool = False) -> None:
+        self.desc = _ANSI.sub("", self.desc)
+        display(self, final)
+
+    plain_display._plain = True  # type: ignore[attr-defined]
+    progress.TQDM._display = plain_display
 
 
 def cpu_threads(device: str) -> int | None:

@@ -8,8 +8,10 @@ holding one top-level folder, in the layout Ultralytics reads for the task:
 - classify: {train,val}/<class>/*.jpg, one shape per image
 
 Deterministic (the same bytes on every run) and offline. The images are real content a detector
-must learn: one to three circles, squares and triangles of random colour and size on a noisy,
-striped background, so the class is in the shape, never in the colour or the position.
+must learn, and learnable from scratch on a CPU in a few minutes: one to three large circles,
+squares and triangles (a fifth to half of the image side) in bright random colours on a dark,
+lightly noisy background, so the class is in the shape, never in the colour or the position.
+(Small shapes on a cluttered background kept YOLO11n at mAP 0 after 30 epochs from scratch.)
 """
 
 from __future__ import annotations
@@ -32,21 +34,21 @@ ZIP_TIME = (2024, 1, 1, 0, 0, 0)
 Polygon = list[tuple[float, float]]
 
 
-def textured_canvas(rng: random.Random, size: int) -> Image.Image:
-    """A smooth random colour field with stripes and scratches: clutter, not signal."""
+def dark_canvas(rng: random.Random, size: int) -> Image.Image:
+    """A dark, smoothly varying background with a little grain: no edges a shape could hide in."""
     noise = np.random.default_rng(rng.getrandbits(32))
-    coarse = noise.integers(40, 216, size=(4, 4, 3), dtype=np.uint8)
+    coarse = noise.integers(0, 48, size=(4, 4, 3), dtype=np.uint8)
     canvas = Image.fromarray(coarse, "RGB").resize((size, size), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.randint(3, 8)):
-        x0, y0 = rng.uniform(0, size), rng.uniform(0, size)
-        angle = rng.uniform(0, math.pi)
-        length = rng.uniform(size * 0.2, size * 0.8)
-        draw.line((x0, y0, x0 + length * math.cos(angle), y0 + length * math.sin(angle)),
-                  fill=tuple(rng.randint(0, 255) for _ in range(3)), width=rng.randint(1, 2))
-    grain = noise.normal(0, 8, size=(size, size, 3))
+    grain = noise.normal(0, 4, size=(size, size, 3))
     pixels = np.clip(np.asarray(canvas, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB")
+
+
+def bright_colour(rng: random.Random) -> tuple[int, int, int]:
+    """A saturated or light colour, far from the dark background whatever its hue."""
+    channels = [rng.randint(150, 255), rng.randint(60, 255), rng.randint(0, 255)]
+    rng.shuffle(channels)
+    return channels[0], channels[1], channels[2]
 
 
 def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> Polygon:
@@ -71,28 +73,30 @@ def overlaps(box: tuple[float, ...], others: list[tuple[float, ...]], margin: fl
                box[1] < o[3] + margin and o[1] < box[3] + margin for o in others)
 
 
-def scene(rng: random.Random, size: int, max_objects: int) -> tuple[Image.Image,
-                                                                    list[tuple[int, Polygon]]]:
-    """A canvas with 1..max_objects shapes that do not touch; their class ids and outlines."""
-    image = textured_canvas(rng, size)
+def scene(rng: random.Random, size: int, max_objects: int, first_class: int | None = None,
+          ) -> tuple[Image.Image, list[tuple[int, Polygon]]]:
+    """A canvas with 1..max_objects shapes that do not touch; their class ids and outlines.
+
+    `first_class` fixes the first shape's class (classification balances its classes)."""
+    image = dark_canvas(rng, size)
     draw = ImageDraw.Draw(image)
     placed: list[tuple[int, Polygon]] = []
     boxes: list[tuple[float, ...]] = []
-    for _ in range(rng.randint(1, max_objects)):
+    for number in range(rng.randint(1, max_objects)):
         for _attempt in range(20):
-            radius = rng.uniform(size * 0.09, size * 0.2)
+            radius = rng.uniform(size * 0.1, size * 0.25)  # 1/5 to 1/2 of the side across
             cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
             class_id = rng.randrange(len(CLASSES))
+            if number == 0 and first_class is not None:
+                class_id = first_class
             polygon = shape_polygon(CLASSES[class_id], cx, cy, radius, rng.uniform(-0.4, 0.4))
             box = bounds(polygon)
             if not overlaps(box, boxes, size * 0.02):
-                colour = tuple(rng.randint(0, 255) for _ in range(3))
-                draw.polygon(polygon, fill=colour, outline=(0, 0, 0) if rng.random() < 0.5
-                             else None)
+                draw.polygon(polygon, fill=bright_colour(rng))
                 placed.append((class_id, polygon))
                 boxes.append(box)
                 break
-    blurred = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7)))
+    blurred = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.5)))
     return blurred, placed
 
 
@@ -130,7 +134,8 @@ def write_archive(zf: zipfile.ZipFile, name: str, task: str, counts: dict[str, i
     for split, count in counts.items():
         for index in range(count):
             if task == "classify":
-                image, placed = scene(rng, size, max_objects=1)
+                image, placed = scene(rng, size, max_objects=1,
+                                      first_class=index % len(CLASSES))
                 class_name = CLASSES[placed[0][0]]
                 add(zf, f"{name}/{split}/{class_name}/{split}_{index:05d}.jpg", jpeg(image))
                 continue
@@ -140,8 +145,8 @@ def write_archive(zf: zipfile.ZipFile, name: str, task: str, counts: dict[str, i
             add(zf, f"{name}/labels/{split}/{split}_{index:05d}.txt", labels)
 
 
-def write_sample(root: Path, *, task: str = "detect", train: int = 64, val: int = 16,
-                 size: int = 160, seed: int = 0, name: str = "sample") -> Path:
+def write_sample(root: Path, *, task: str = "detect", train: int = 128, val: int = 32,
+                 size: int = 128, seed: int = 0, name: str = "sample") -> Path:
     """Write ROOT/datasets/{name}.zip unless an identical archive is already there."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}")
@@ -160,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder that plays the bucket")
     parser.add_argument("--task", choices=TASKS, default="detect", help="dataset layout")
-    parser.add_argument("--train", type=int, default=64, help="training images")
-    parser.add_argument("--val", type=int, default=16, help="validation images")
-    parser.add_argument("--size", type=int, default=160, help="image side in pixels")
+    parser.add_argument("--train", type=int, default=128, help="training images")
+    parser.add_argument("--val", type=int, default=32, help="validation images")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="sample", help="dataset id (the zip's name)")
     args = parser.parse_args(argv)

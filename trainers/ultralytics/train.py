@@ -78,6 +78,7 @@ def fit(job: utils.Job):
     job.require_trusted_checkpoint()  # before any work: Ultralytics unpickles a whole model
     spec = model.resolve_model(cfg.model_name, cfg.task_type)
     weights_dir = Path(cfg.weights_dir).resolve() if cfg.weights_dir else job.cache_dir / "weights"
+    log.info("loading Ultralytics (%s)", "offline" if cfg.offline else "downloads allowed")
     runtime.prepare(job.work_dir, weights_dir, cpu_threads=runtime.cpu_threads(cfg.device),
                     offline=cfg.offline, rank=job.rank)
     device = model.ultralytics_device(cfg.device)
@@ -105,6 +106,8 @@ def fit(job: utils.Job):
                                             save_dir=save_dir, extra=extra,
                                             world_size=job.world_size)
         arguments["pretrained"] = start.source.endswith(".pt")
+    log.info("building %s from %s", spec.name if not cfg.checkpoint_path else
+             start.checkpoint.model_name, Path(start.source).name)
     yolo = YOLO(start.source, task=start.task)
     reporter = reporting.EpochReporter(job, start.task, job.work_dir / "checkpoints")
     if job.is_main:
@@ -138,6 +141,8 @@ def choose_start(job: utils.Job, spec, weights_dir: Path) -> Start:
     path = Path(distributed.rank_zero_first(job, "checkpoint",
                                             lambda: str(job.fetch_checkpoint(trusted_only=True))))
     info = model.inspect_checkpoint(path)
+    utils.check_checkpoint_model(cfg, info.model_name,
+                                 lambda wanted, held: model.same_model(wanted, held, info.task))
     if cfg.task_type and model.TASKS.get(cfg.task_type) != info.task:
         raise utils.ConfigError(f"TASK_TYPE={cfg.task_type} but CHECKPOINT_PATH holds a "
                                 f"{info.task_type} model")
@@ -183,6 +188,7 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
         if reporter.epochs_reported:  # epoch-N first, last.pt a server-side copy (as end_epoch)
             keys.insert(0, job.checkpoint_key(f"epoch-{reporter.epochs_reported[-1]}.pt"))
         job.upload(last, keys[0], background=True, copies=keys[1:])
+    kept = keep_finished_models(job.work_dir / "checkpoints", best, last)
     final = reporter.final or reporter.last
     metrics = dict(final.metrics) if final else {}
     if reporter.best_epoch is not None:
@@ -199,10 +205,24 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
         job.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=step)
     artifacts = sorted({p for pattern in ARTIFACTS for p in save_dir.glob(pattern)})
     job.upload_artifacts(artifacts)
-    print(f"best checkpoint: {job.best_checkpoint_uri}")
+    print(f"best checkpoint: {kept.get('best.pt', '-')} ({job.best_checkpoint_uri})")
     print(f"artifacts: {job.storage.uri(job.artifact_key(''))}")
     print(f"work dir: {job.work_dir}")
     return utils.JobResult(metrics=metrics, checkpoint_path=job.best_checkpoint_uri)
+
+
+def keep_finished_models(folder: Path, *models: Path) -> dict[str, Path]:
+    """Copies of the finished models in WORK_DIR/checkpoints/, where every trainer keeps its
+    best.pt and last.pt: copies, as Ultralytics rewrites its own files in place."""
+    import shutil
+
+    kept = {}
+    for source in models:
+        if source.is_file():
+            with utils.atomic_path(folder / source.name) as tmp:
+                shutil.copyfile(source, tmp)
+            kept[source.name] = folder / source.name
+    return kept
 
 
 if __name__ == "__main__":
