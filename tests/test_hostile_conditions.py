@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -242,6 +243,25 @@ def test_a_diverging_run_fails_with_its_epoch_and_uploads_last(tmp_path, s3, bac
     assert not backend.bodies("training-metrics"), "a NaN epoch was reported as trained"
     assert s3.keys("checkpoints/job-job-1/") == ["checkpoints/job-job-1/last.pt"]
     assert took < 120
+
+
+@pytest.mark.slow
+def test_a_diverging_timm_run_fails_the_same_way(tmp_path, s3, backend):
+    timm = REPO / "trainers" / "timm"
+    subprocess.run([sys.executable, str(timm / "sample_data.py"), str(tmp_path / "sample"),
+                    "--train", "2", "--val", "1", "--test", "1"], check=True,
+                   capture_output=True, timeout=120)
+    s3.put_file(f"datasets/{DATASET}.zip", tmp_path / "sample" / "datasets" / "sample.zip")
+    env = job_env(tmp_path, s3, backend, LEARNING_RATE="1e30", MODEL_NAME="test_resnet",
+                  PRETRAINED="false", HF_HUB_OFFLINE="1")
+    result, took = train(env, timm)
+    assert result.returncode == 5, result.stderr[-3000:]
+    [line] = error_lines(result.stderr)
+    assert re.search(r"training diverged: the (training|validation) loss is (nan|-?inf) at "
+                     r"epoch 1 ", line), line
+    assert backend.statuses() == ["running", "failed"]
+    assert s3.keys("checkpoints/job-job-1/") == ["checkpoints/job-job-1/last.pt"]
+    assert took < 180
 
 
 def test_timm_and_ultralytics_hand_each_epoch_to_the_check():
