@@ -2136,9 +2136,12 @@ class Tracker:
         if self.disabled_reason or self.client is None:
             return
         method, args, kwargs = item
-        call = getattr(self.client, method)
+        call, limit = getattr(self.client, method), self.call_s
+        if method == "log_artifact":  # a file's upload: its total grows with its size
+            with contextlib.suppress(OSError):
+                limit += Path(args[0]).stat().st_size / STORAGE_MIN_RATE
         try:
-            run_within(lambda: call(self.run_id, *args, **kwargs), self.call_s, "mlflow")
+            run_within(lambda: call(self.run_id, *args, **kwargs), limit, "mlflow")
         except Exception as exc:
             self._disable(f"{method} failed: {type(exc).__name__}: {redact_url(str(exc))[:200]}")
 
