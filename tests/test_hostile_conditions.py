@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -181,6 +182,17 @@ def test_an_unusable_work_dir_still_sends_failed(case, tmp_path, s3, backend, sa
     assert not s3.requests, "work started in an unusable work dir"
     assert not list(tmp_path.rglob("mlflow.db")) and not (PYTORCH / "mlruns").exists()
     assert took < 15
+
+
+def test_a_work_dir_without_room_for_the_journal_is_unusable(tmp_path, utils_module,
+                                                             monkeypatch):
+    free_mb = shutil.disk_usage(tmp_path).free // 2**20
+    monkeypatch.setattr(utils_module, "WORK_DIR_MIN_FREE_MB", free_mb + 1024)
+    with pytest.raises(utils_module.WorkDirError, match=r"MiB free, under the \d+ MiB"):
+        utils_module.check_work_dir(tmp_path / "work")
+    monkeypatch.setattr(utils_module, "WORK_DIR_MIN_FREE_MB", 1)
+    utils_module.check_work_dir(tmp_path / "work")
+    assert list((tmp_path / "work").iterdir()) == [], "the probe file was left behind"
 
 
 # --- one job per work dir ------------------------------------------------------------------------
