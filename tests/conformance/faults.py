@@ -4,7 +4,9 @@ raises ConformanceFailure naming both when the trainer breaks the contract."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from tests.conformance.checks import (
 from tests.conformance.harness import (
     EPOCHS,
     EXIT_CANCELLED,
+    EXIT_CONFIG,
     EXIT_SIGTERM,
     Backend,
     Run,
@@ -33,6 +36,7 @@ from tests.conformance.harness import (
     md5,
     mlflow_uri_with_password,
     parse_time,
+    read_journal,
     run_to_end,
 )
 from tests.support.servers import free_port
@@ -419,6 +423,92 @@ def sigterm_then_resume(subject: Subject) -> RunResult:
     return resume_after_sigterm(subject, sigterm(subject))
 
 
+TRICKLE_FLUSH_S = 6.0  # CALLBACK_FLUSH_S against a trickling backend: the exit is bounded by it
+
+
+def backend_trickle(subject: Subject) -> RunResult:
+    """The backend answers 200 at once, then its body at a byte a second (issue 19): every
+    event still reaches it (none waits behind a slow answer), the terminal status too, and the
+    exit stays within CALLBACK_FLUSH_S."""
+    name = "backend-trickle"
+    job = job_id(subject, name)
+    with scenario(subject, name) as sc, closing(Backend(job)) as backend:
+        backend.set_trickle(1.0)
+        env = subject.env(subject.run_dir(name), job, backend,
+                          CALLBACK_FLUSH_S=str(TRICKLE_FLUSH_S))
+        started_wall = time.time()
+        result = run_to_end(subject, name, env, backend=backend)
+        ended_wall = started_wall + result.wall_s
+        sc.record(result)
+        check_completed(sc, result)
+        check_not_slowed(sc, result)
+        stored = {c.body.get("seq") for c in backend.calls}
+        first_epochs = [e["seq"] for e in result.events if e["route"] == "training-metrics"][:2]
+        sc.check(set(first_epochs) <= stored, "the events behind the first trickled answer "
+                 f"never reached the backend (stored seq {sorted(stored)})", result)
+        sc.check(backend.statuses()[-1:] == ["completed"], "the terminal status did not reach "
+                 f"the trickling backend (stored: {backend.statuses()})", result)
+        final = next(e for e in reversed(result.events) if e["route"] == "status")
+        delay = ended_wall - parse_time(final["time"])
+        sc.check(delay <= TRICKLE_FLUSH_S + 5,
+                 f"the job took {delay:.1f} s to exit after its terminal status with "
+                 f"CALLBACK_FLUSH_S={TRICKLE_FLUSH_S:g}: the trickle held the exit", result)
+        check_no_secrets(sc, result)
+        return result
+
+
+DOUBLE_LAUNCH_REFUSED_S = 3.0  # start-up of a second process to its refusal, on busy CPUs
+
+
+def double_launch(subject: Subject) -> RunResult:
+    """The same job started twice on one work dir (a platform retry racing the original): the
+    second process is refused at once, exit 2, one line naming the holder's pid, and sends
+    nothing; the first completes and no Idempotency-Key names two events."""
+    name = "double-launch"
+    job = job_id(subject, name)
+    with scenario(subject, name) as sc, closing(Backend(job)) as backend:
+        env = subject.env(subject.run_dir(name), job, backend)
+        first = Run(subject, name, env, backend=backend)
+        lock = first.work_dir / ".job.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().strip() == str(first.process.pid)):
+            sc.check(first.poll() is None and time.monotonic() < deadline,
+                     "the first process never took the work dir's lock")
+            time.sleep(0.02)
+        # Its own termination log, as a second pod would have: its refusal is its reason.
+        own_log = subject.run_dir(name) / "termination-log-refused"
+        own_log.touch()
+        second = Run(subject, name, {**env, "TERMINATION_LOG": str(own_log)}, backend=backend,
+                     label="double-launch-refused")
+        refused = second.finish(timeout=60)
+        result = first.finish()
+        refused = dataclasses.replace(refused, events=[])  # the journal is the first's alone
+        sc.record(result)
+        sc.record(refused)
+        check_completed(sc, result)
+        check_delivered_in_order(sc, result)
+        check_clean_exit(sc, refused, EXIT_CONFIG)
+        lines = refused.error_lines()
+        sc.check(len(lines) == 1 and f"(pid {first.process.pid})" in lines[0],
+                 f"the refused process's error lines {lines}: expected one naming pid "
+                 f"{first.process.pid}", refused)
+        sc.check("in use by another process" in own_log.read_text(),
+                 "the refused process left no reason in its termination log", refused)
+        sc.check(refused.wall_s <= DOUBLE_LAUNCH_REFUSED_S, f"the second process took "
+                 f"{refused.wall_s:.1f} s to be refused", refused)
+        bodies: dict[str, set[str]] = {}
+        for call in backend.calls + backend.duplicates + backend.rejected:
+            bodies.setdefault(call.headers.get("Idempotency-Key"), set()).add(
+                json.dumps(call.body, sort_keys=True))
+        twice = sorted(k for k, found in bodies.items() if len(found) > 1)
+        sc.check(not twice, f"Idempotency-Keys naming two different events: {twice}", result)
+        seqs = [e["seq"] for e in read_journal(result.work_dir)]
+        sc.check(seqs == list(range(1, len(seqs) + 1)), f"callbacks.jsonl seqs {seqs}: the "
+                 "refused process wrote to the journal", result)
+        check_no_secrets(sc, result)
+        return result
+
+
 # Every fault scenario by name, in the order the schedule starts them: the baseline, then the
 # longest first (two runs each), so the two workers finish together.
 FAULTS: dict[str, Callable[[Subject], RunResult]] = {
@@ -432,6 +522,8 @@ FAULTS: dict[str, Callable[[Subject], RunResult]] = {
     "backend-401": backend_unauthorized,
     "mlflow-unreachable": mlflow_unreachable,
     "mlflow-killed": mlflow_killed,
+    "backend-trickle": backend_trickle,
+    "double-launch": double_launch,
 }
 
 

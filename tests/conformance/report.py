@@ -30,7 +30,8 @@ README_BLOCK = re.compile(r"(<!-- generated:reliability\b.*?-->\n?)(.*?)"
 # The order of the rows (a scenario's runs finish in any order: two run at a time).
 ROW_ORDER = ("healthy", "backend-503-then-down", "backend-hung", "backend-401",
              "backend-cancel", "s3-outage", "mlflow-unreachable", "mlflow-killed", "sigterm",
-             "sigterm-resume", "sigkill", "sigkill-restart", "backend-redirect")
+             "sigterm-resume", "sigkill", "sigkill-restart", "backend-redirect", "backend-trickle",
+             "double-launch", "double-launch-refused")
 
 
 @dataclasses.dataclass

@@ -327,6 +327,7 @@ class RecordingBackend:
         self._cancel_at: dict[str, int] = {}
         self._hang_released = threading.Event()
         self._hang_released.set()
+        self._trickle_s: float | None = None  # seconds between the bytes of every answer
         self._closing = False
         self.port = free_port()
         self.job_id = job_id
@@ -371,6 +372,14 @@ class RecordingBackend:
             self._hang_released.clear()
         else:
             self._hang_released.set()
+
+    def set_trickle(self, seconds_per_byte: float | None, padding: int = 64) -> None:
+        """Answer at once with the status line and headers, then send the body one byte every
+        `seconds_per_byte` (None: normally). `padding` spaces after the JSON make the trickle
+        last about that many steps. Calls are recorded (and stored) when they arrive."""
+        with self._lock:
+            self._trickle_s = seconds_per_byte
+            self._trickle_padding = padding
 
     def set_down(self, down: bool) -> None:
         """Close the listening socket (connections refused), or listen again on the same port."""
@@ -476,13 +485,28 @@ class RecordingBackend:
                         answer = {"ok": True, "cancel": True}
 
         payload = json.dumps(answer).encode()
+        trickle = self._trickle_s
+        if trickle is not None:
+            payload += b" " * self._trickle_padding
         request.send_response(status)
         request.send_header("Content-Type", "application/json")
         request.send_header("Content-Length", str(len(payload)))
         if retry_after is not None:
             request.send_header("Retry-After", f"{retry_after:g}")
         request.end_headers()
-        request.wfile.write(payload)
+        if trickle is None:
+            request.wfile.write(payload)
+            return
+        request.wfile.flush()
+        for index in range(len(payload)):
+            if self._closing:
+                return
+            try:
+                request.wfile.write(payload[index:index + 1])
+                request.wfile.flush()
+            except OSError:  # the client gave up on the answer
+                return
+            time.sleep(trickle)
 
 
 # ---------------------------------------------------------------------------------------------

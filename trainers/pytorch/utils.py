@@ -37,6 +37,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -70,6 +71,7 @@ EXIT_UNEXPECTED = 1  # a bug: the traceback is logged
 EXIT_CONFIG = 2  # missing or ill-typed settings
 EXIT_DATA = 3  # dataset, checkpoint or storage problem
 EXIT_CANCELLED = 4  # the platform asked the job to stop ({"cancel": true})
+EXIT_DIVERGED = 5  # the training or validation loss stopped being finite
 EXIT_SIGTERM = 143  # SIGTERM (128 + 15), as Kubernetes expects
 
 EXIT_CODES = {
@@ -78,6 +80,7 @@ EXIT_CODES = {
     EXIT_CONFIG: "configuration error: a setting is missing or invalid",
     EXIT_DATA: "data or storage error: dataset, checkpoint, bucket or endpoint",
     EXIT_CANCELLED: "cancelled by the platform (a callback answered {\"cancel\": true})",
+    EXIT_DIVERGED: "training diverged: the loss stopped being finite (last.pt is uploaded)",
     EXIT_SIGTERM: "cancelled by SIGTERM",
 }
 
@@ -103,6 +106,18 @@ class DatasetError(TrainerError):
 
 class CheckpointError(TrainerError):
     exit_code = EXIT_DATA
+
+
+class WorkDirError(ConfigError):
+    """WORK_DIR cannot be created or written, or has no room for the journal."""
+
+
+class WorkDirBusy(ConfigError):
+    """Another process holds this work dir: nothing may be sent under the job's keys."""
+
+
+class TrainingDiverged(TrainerError):
+    exit_code = EXIT_DIVERGED
 
 
 class JobCancelled(TrainerError):
@@ -138,6 +153,7 @@ class Setting:
     maximum: float | None = None
     group: str = "basic"  # "basic" or "advanced": how a UI groups it
     identifier: bool = False  # becomes part of a path or storage key: IDENTIFIER's rule
+    url_schemes: tuple[str, ...] = ()  # a URL setting: the schemes it accepts (see check_url)
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -169,6 +185,8 @@ class Setting:
                 value = float(text)
             except ValueError:
                 raise ConfigError(f"{self.name}={shown} is not a number") from None
+            if not math.isfinite(value):  # nan passes every comparison below; inf trains NaNs
+                raise ConfigError(f"{self.name}={shown} is not a finite number")
         elif self.kind == "bool":
             if text.lower() in _TRUE:
                 value = True
@@ -187,6 +205,8 @@ class Setting:
             value = text
             if self.identifier:
                 check_identifier(self.name, value)
+            if self.url_schemes:
+                check_url(self.name, value, self.url_schemes, secret=self.secret)
         if self.choices and value not in self.choices:
             raise ConfigError(f"{self.name}={shown} is not one of {', '.join(self.choices)}")
         if self.minimum is not None and value < self.minimum:
@@ -210,6 +230,33 @@ def check_identifier(name: str, value: str) -> str:
     return value
 
 
+HTTP_SCHEMES = ("http", "https")
+# What MLflow's tracking URI may be: a server, or a store it opens itself (sqlite:///PATH, a
+# database URL such as postgresql+psycopg2://..., file:PATH).
+MLFLOW_SCHEMES = (*HTTP_SCHEMES, "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_url(name: str, url: str, schemes: Sequence[str], *, secret: bool = False) -> None:
+    """A URL setting must name one of `schemes` and, for http(s), a host: a URL without them
+    fails every call (requests' InvalidSchema), retried for the whole job. ConfigError if not.
+    A secret URL is shown with its password and query hidden, as in the logs."""
+    shown = (repr(redact_url(url)) if "://" in url else "<redacted>") if secret else repr(url)
+    if url in schemes and url not in HTTP_SCHEMES:  # e.g. MLflow's "databricks": a profile
+        return
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower().split("+")[0]  # postgresql+psycopg2 is postgresql
+    if not parts.scheme or scheme not in schemes or (scheme in HTTP_SCHEMES and "://" not in url):
+        wanted = ", ".join(f"{s}://" for s in schemes)
+        raise ConfigError(f"{name}={shown} is not a URL with a scheme ({wanted})")
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{name}={shown} has an invalid host or port") from None
+    if scheme in HTTP_SCHEMES and not host:
+        raise ConfigError(f"{name}={shown} names no host")
+
+
 STORAGE_TYPES = ("minio", "r2", "s3", "local")
 TASK_TYPES = (
     "image_classification",
@@ -226,7 +273,7 @@ PLATFORM_SETTINGS: tuple[Setting, ...] = (
     Setting("TASK_TYPE", help="Task kind as the callbacks name it; default: from the "
             "model/dataset.", choices=TASK_TYPES, group="advanced"),
     Setting("CALLBACK_URL", help="Base URL of this job's callback endpoints; unset: no callbacks.",
-            group="advanced"),
+            url_schemes=HTTP_SCHEMES, group="advanced"),
     Setting("INTERNAL_AUTH_TOKEN", help="Sent as X-Internal-Auth on every callback.", secret=True,
             required_if=("CALLBACK_URL", "*"), group="advanced"),
     Setting("DEVICE", default="auto", help="auto, cpu, cuda, 0, 0,1, ..."),
@@ -235,23 +282,23 @@ PLATFORM_SETTINGS: tuple[Setting, ...] = (
     Setting("STORAGE_BUCKET", default="vision-platform", help="Bucket holding datasets, "
             "checkpoints and artifacts.", group="advanced"),
     Setting("MINIO_ENDPOINT", help="MinIO endpoint URL.", required_if=("STORAGE_TYPE", "minio"),
-            group="advanced"),
+            url_schemes=HTTP_SCHEMES, group="advanced"),
     Setting("MINIO_ACCESS_KEY", help="MinIO access key.", secret=True,
             required_if=("STORAGE_TYPE", "minio"), group="advanced"),
     Setting("MINIO_SECRET_KEY", help="MinIO secret key.", secret=True,
             required_if=("STORAGE_TYPE", "minio"), group="advanced"),
     Setting("R2_ENDPOINT", help="Cloudflare R2 endpoint URL.", required_if=("STORAGE_TYPE", "r2"),
-            group="advanced"),
+            url_schemes=HTTP_SCHEMES, group="advanced"),
     Setting("R2_ACCESS_KEY_ID", help="R2 access key id.", secret=True,
             required_if=("STORAGE_TYPE", "r2"), group="advanced"),
     Setting("R2_SECRET_ACCESS_KEY", help="R2 secret access key.", secret=True,
             required_if=("STORAGE_TYPE", "r2"), group="advanced"),
     Setting("S3_ENDPOINT_URL", help="Endpoint for STORAGE_TYPE=s3 (credentials: the AWS_* chain).",
-            group="advanced"),
+            url_schemes=HTTP_SCHEMES, group="advanced"),
     Setting("LOCAL_STORAGE_ROOT", help="Folder that plays the bucket for STORAGE_TYPE=local.",
             required_if=("STORAGE_TYPE", "local"), group="advanced"),
     Setting("MLFLOW_TRACKING_URI", help="MLflow tracking URI; unset: a local store in WORK_DIR.",
-            secret=True, group="advanced"),
+            secret=True, url_schemes=MLFLOW_SCHEMES, group="advanced"),
     Setting("MLFLOW_EXPERIMENT_NAME", default="vision-platform", help="MLflow experiment.",
             group="advanced"),
     Setting("WORK_DIR", help="Local scratch and outputs; default: "
@@ -1287,6 +1334,13 @@ class ObjectInfo:
     etag: str
 
 
+# botocore's timeouts bound each socket read: an endpoint that trickles its answers never trips
+# them. Every S3 call also has a total: STORAGE_CALL_S, plus a second per STORAGE_MIN_RATE
+# bytes it moves (slower than that on average is a stalled endpoint, not a slow link).
+STORAGE_CALL_S = 120.0
+STORAGE_MIN_RATE = 256 * 1024
+
+
 class Storage:
     """One bucket: S3-compatible (MinIO, R2, S3) through boto3, or a local folder."""
 
@@ -1299,6 +1353,11 @@ class Storage:
         self.local_root = Path(local_root).resolve() if local_root else None
         self._client = None
         self._lock = threading.Lock()
+        self.call_s, self.min_rate = STORAGE_CALL_S, STORAGE_MIN_RATE
+
+    def _within(self, call: Callable[[], Any], nbytes: int = 0) -> Any:
+        """`call()` (one S3 call, boto3's own retries included) within its total deadline."""
+        return run_within(call, self.call_s + nbytes / self.min_rate, "storage")
 
     @classmethod
     def from_config(cls, cfg: Config) -> Storage:
@@ -1408,6 +1467,9 @@ class Storage:
             return StorageError(f"TLS certificate verification failed for the storage endpoint "
                                 f"{redact_url(self.endpoint or 'default')} while {action} {where} "
                                 "(a private CA: set CA_BUNDLE or AWS_CA_BUNDLE)")
+        if isinstance(exc, TimeoutError):  # run_within: answers trickled past the total
+            return StorageError(f"storage endpoint {redact_url(self.endpoint or 'default')} "
+                                f"too slow while {action} {where}: {exc}")
         if isinstance(exc, EndpointConnectionError) or "Connect" in type(exc).__name__:
             return StorageError(f"storage endpoint {redact_url(self.endpoint or 'default')} "
                                 f"unreachable while {action} {where}")
@@ -1425,7 +1487,7 @@ class Storage:
             st = file.stat()
             return ObjectInfo(key, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
         try:
-            meta = self.client.head_object(Bucket=bucket, Key=key)
+            meta = self._within(lambda: self.client.head_object(Bucket=bucket, Key=key))
         except Exception as exc:
             raise self._error(exc, bucket, key, "reading") from exc
         return ObjectInfo(key, int(meta["ContentLength"]), meta["ETag"].strip('"'))
@@ -1441,10 +1503,12 @@ class Storage:
                 raise StorageError(f"{self._where(bucket, key)} not found")
             shutil.copyfile(source, partial)
         else:
+            size = self.head(path).size if size is None else size  # the deadline grows with it
             progress = _Progress(f"download {key}", size)
             try:
-                self.client.download_file(bucket, key, str(partial), Callback=progress.update,
-                                          Config=self._transfer_config())
+                self._within(lambda: self.client.download_file(
+                    bucket, key, str(partial), Callback=progress.update,
+                    Config=self._transfer_config()), size or 0)
             except Exception as exc:
                 partial.unlink(missing_ok=True)
                 raise self._error(exc, bucket, key, "downloading") from exc
@@ -1459,7 +1523,9 @@ class Storage:
         if self.kind == "local":
             return self._local_put(local_path, key)
         try:
-            self.client.upload_file(str(local_path), bucket, key, Config=self._transfer_config())
+            self._within(lambda: self.client.upload_file(
+                str(local_path), bucket, key, Config=self._transfer_config()),
+                local_path.stat().st_size)
         except Exception as exc:
             raise self._error(exc, bucket, key, "uploading") from exc
         return f"s3://{bucket}/{key}"
@@ -1485,8 +1551,8 @@ class Storage:
             return link_or_copy(self.local_file(src_key), self.local_file(key)).as_uri()
         try:
             # The managed copy: one CopyObject, or UploadPartCopy parts past 5 GB.
-            self.client.copy({"Bucket": src_bucket, "Key": src_key}, bucket, key,
-                             Config=self._transfer_config())
+            self._within(lambda: self.client.copy({"Bucket": src_bucket, "Key": src_key},
+                                                  bucket, key, Config=self._transfer_config()))
         except Exception as exc:
             raise self._error(exc, bucket, key, "copying to") from exc
         return f"s3://{bucket}/{key}"
@@ -1499,8 +1565,9 @@ class Storage:
                           for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
         keys: list[str] = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=bucket, Prefix=prefix):
+            pages = iter(self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix))
+            while (page := self._within(lambda: next(pages, None))) is not None:
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
         except Exception as exc:
             raise self._error(exc, bucket, prefix, "listing") from exc
@@ -1653,7 +1720,7 @@ class _RangedDownload:
 
     def fetch(self, start: int, end: int) -> None:
         """Bytes [start, end), now, in this thread."""
-        self._get(start, end, None)
+        self._get_within(start, end, None)
 
     def start(self, end: int) -> None:
         """Bytes [0, end) in the background: up to _PART_THREADS parts of >= _PART_BYTES."""
@@ -1668,11 +1735,19 @@ class _RangedDownload:
 
     def _run_part(self, part: list[int]) -> None:
         try:
-            self._get(part[0], part[1], part)
+            self._get_within(part[0], part[1], part)
         except BaseException as exc:  # handed to the reader, which raises it
             with self._changed:
                 self._error = self._error or exc
                 self._changed.notify_all()
+
+    def _get_within(self, start: int, end: int, part: list[int] | None) -> None:
+        """`_get` within the storage's total deadline for its bytes; an abandoned one stops at
+        its next chunk once the download is closed."""
+        try:
+            self.storage._within(lambda: self._get(start, end, part), end - start)
+        except TimeoutError as exc:
+            raise self.storage._error(exc, self.bucket, self.key, "downloading") from None
 
     def _get(self, start: int, end: int, part: list[int] | None) -> None:
         from botocore.exceptions import BotoCoreError
@@ -2174,6 +2249,77 @@ class OrderedWorker:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
 
+def run_within(call: Callable[[], Any], timeout: float, what: str) -> Any:
+    """`call()`'s result if it returns within `timeout` seconds, else TimeoutError.
+
+    A total deadline for a call that has only per-read timeouts (requests, botocore, MLflow's
+    client): a server that trickles its answer, a byte a second, never trips those. The call
+    runs on a daemon thread that is abandoned at the deadline (it cannot be interrupted; it
+    ends when its socket does), so its caller can go on to the next event or exit.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # handed to the caller, re-raised there
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"within-{what}", daemon=True)
+    thread.start()
+    thread.join(max(timeout, 0.0))
+    if thread.is_alive():
+        raise TimeoutError(f"{what}: no complete answer within {timeout:.1f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+_ANSWER_BODY_S = 1.0  # most seconds spent reading an answer's body once its status arrived
+_ANSWER_MAX_BYTES = 2**20  # ... and most bytes kept of it (the body only carries `cancel`)
+
+
+def request_within(session: Any, method: str, url: str, total_s: float, *,
+                   timeout: tuple[float, float], **kwargs: Any) -> Any:
+    """One HTTP request, connect to the body's last byte, within `total_s` seconds.
+
+    Raises requests.Timeout when no status line came in time. A body still arriving after
+    _ANSWER_BODY_S (or at the deadline) is cut: the answer comes back with what arrived and
+    `body_late = True` -- the status says whether the event was accepted, the body is extra.
+    """
+    import requests
+
+    deadline = time.monotonic() + total_s
+    per_read = (min(timeout[0], total_s), max(min(timeout[1], total_s), 0.01))
+
+    def call() -> Any:
+        response = session.request(method, url, stream=True, timeout=per_read, **kwargs)
+        body_deadline = min(deadline, time.monotonic() + _ANSWER_BODY_S)
+        body, late = bytearray(), False
+        try:
+            while len(body) < _ANSWER_MAX_BYTES:
+                if time.monotonic() >= body_deadline:
+                    late = True
+                    break
+                chunk = response.raw.read1(65536, decode_content=True)
+                if not chunk:
+                    break
+                body += chunk
+        except Exception as exc:  # cut mid-body: what arrived is the answer
+            log.debug("answer body cut: %s", exc)
+            late = True
+        finally:
+            response.close()
+        response._content, response._content_consumed = bytes(body), True
+        response.body_late = late
+        return response
+
+    try:
+        return run_within(call, total_s + 0.1, "request")
+    except TimeoutError as exc:
+        raise requests.Timeout(str(exc)) from None
+
+
 def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
     """Exponential backoff with full jitter, each delay at most `cap` seconds."""
     attempt = 0
@@ -2279,11 +2425,16 @@ class CallbackClient:
     def __init__(self, base_url: str | None, token: str | None, job_id: str | None,
                  journal: Path, *, timeout: tuple[float, float] = (3.05, 10.0),
                  max_backoff: float = 30.0, on_cancel: Callable[[], None] | None = None,
-                 ca_bundle: str | None = None):
+                 ca_bundle: str | None = None, journal_optional: bool = False,
+                 attempt_s: float = 15.0):
         self.base_url = base_url.rstrip("/") if base_url else None
         self.verify: str | bool = ca_bundle or True  # True: REQUESTS_CA_BUNDLE, else the system's
+        # Only when reporting a job that could not start: its work dir may be unwritable, and
+        # the event matters more than its journal line.
+        self.journal_optional = journal_optional
         self._token, self.job_id, self.journal = token, job_id, journal
         self.timeout, self.max_backoff, self.on_cancel = timeout, max_backoff, on_cancel
+        self.attempt_s = attempt_s  # one attempt's total, connect to the answer's last byte
         self._lock = threading.Lock()
         self._seq = self._last_journaled_seq()
         self._worker = OrderedWorker("callbacks", self._deliver)
@@ -2304,7 +2455,7 @@ class CallbackClient:
         Only this job's events count: another job's journal in a shared WORK_DIR is not ours.
         """
         last = 0
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
             for line in self.journal.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     event = json.loads(line)
@@ -2317,10 +2468,16 @@ class CallbackClient:
             self._seq += 1
             event = {"method": method, "route": route,
                      "body": {**body, "job_id": self.job_id, "seq": self._seq}}
-            self.journal.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.journal, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"seq": self._seq, "time": _utc_now(), **event},
-                                    default=_json_default) + "\n")
+            try:
+                self.journal.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.journal, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"seq": self._seq, "time": _utc_now(), **event},
+                                        default=_json_default) + "\n")
+            except OSError as exc:
+                if not self.journal_optional:
+                    raise
+                log.warning("%s not written (%s); the event is sent all the same",
+                            self.journal.name, exc.strerror or exc)
             if self.base_url and not self.disabled_reason:
                 self._worker.submit(event)
                 if route == "status":
@@ -2355,18 +2512,25 @@ class CallbackClient:
         while not self.disabled_reason:
             wait: float | None = None
             try:
-                response = self._session.request(
-                    event["method"], self._url(event["route"]), data=payload,
+                response = request_within(
+                    self._session, event["method"], self._url(event["route"]),
+                    max(min(self.attempt_s, self._worker.time_left()), 0.1), data=payload,
                     headers=self._headers(seq), timeout=self.timeout, allow_redirects=False,
                     verify=self.verify)
             except requests.exceptions.SSLError:
                 self._refuse_certificate()
                 return
             except requests.RequestException as exc:
+                if isinstance(exc, requests.Timeout):
+                    self._session = requests.Session()  # the abandoned attempt keeps the old
                 self._warn_once(0, "backend unreachable (%s); retrying in the background",
                                 type(exc).__name__)
             else:
                 status = response.status_code
+                if response.body_late:
+                    self._warn_once(-1, "backend answered HTTP %s but trickled its body: cut "
+                                    "after %.0f s (a cancel in it would be missed)", status,
+                                    _ANSWER_BODY_S)
                 if status < 300:
                     self.delivered += 1
                     self._last_delivered_seq = seq
@@ -2461,8 +2625,8 @@ class CallbackClient:
             return ""
         seq = event["body"]["seq"]
         try:
-            response = requests.request(
-                event["method"], self._url(event["route"]),
+            response = request_within(
+                requests.Session(), event["method"], self._url(event["route"]), timeout,
                 data=json.dumps(event["body"], default=_json_default),
                 headers=self._headers(seq), timeout=(min(self.timeout[0], timeout), timeout),
                 allow_redirects=False, verify=self.verify)
@@ -2516,6 +2680,9 @@ def mlflow_metric_name(name: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", name).strip("_") or "metric"
 
 
+MLFLOW_CALL_S = 30.0  # most seconds one MLflow call may take before tracking is switched off
+
+
 class NullTracker:
     """The tracker of a job that tracks nothing (not rank 0, predict/export, or MLflow off):
     every call is a no-op, so the job's code has no `if tracker` branches."""
@@ -2553,7 +2720,8 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str | None, experiment: str, work_dir: Path,
-                 ca_bundle: str | None = None):
+                 ca_bundle: str | None = None, *, call_s: float = MLFLOW_CALL_S):
+        self.call_s = call_s  # one client call's total: MLflow's timeout is per socket read
         self.local = not tracking_uri
         self.ca_bundle = ca_bundle
         self.tracking_uri = tracking_uri or f"sqlite:///{work_dir / 'mlflow.db'}"
@@ -2572,8 +2740,8 @@ class Tracker:
         import requests
 
         try:
-            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=3,
-                         verify=self.ca_bundle or True)
+            request_within(requests.Session(), "GET", self.tracking_uri.rstrip("/") + "/health",
+                           min(self.call_s, 5.0), timeout=(3, 3), verify=self.ca_bundle or True)
             return True
         except requests.exceptions.SSLError:
             self._disable(f"{redact_url(self.tracking_uri)}: TLS certificate verification failed "
@@ -2605,12 +2773,16 @@ class Tracker:
         try:
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=self.tracking_uri)
-            found = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-                self.experiment, artifact_location=self.artifact_location)
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
-            self.run_id = run.info.run_id
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            found = run_within(lambda: client.get_experiment_by_name(self.experiment),
+                               self.call_s, "mlflow")
+            self.experiment_id = found.experiment_id if found else run_within(
+                lambda: client.create_experiment(self.experiment,
+                                                 artifact_location=self.artifact_location),
+                self.call_s, "mlflow")
+            run = run_within(lambda: client.create_run(self.experiment_id, run_name=run_name,
+                                                       tags=dict(tags)), self.call_s, "mlflow")
+            self.client, self.run_id = client, run.info.run_id
         except Exception as exc:
             self._disable(f"{type(exc).__name__}: {redact_url(str(exc))[:200]}")
             return None
@@ -2620,8 +2792,12 @@ class Tracker:
         if self.disabled_reason or self.client is None:
             return
         method, args, kwargs = item
+        call, limit = getattr(self.client, method), self.call_s
+        if method == "log_artifact":  # a file's upload: its total grows with its size
+            with contextlib.suppress(OSError):
+                limit += Path(args[0]).stat().st_size / STORAGE_MIN_RATE
         try:
-            getattr(self.client, method)(self.run_id, *args, **kwargs)
+            run_within(lambda: call(self.run_id, *args, **kwargs), limit, "mlflow")
         except Exception as exc:
             self._disable(f"{method} failed: {type(exc).__name__}: {redact_url(str(exc))[:200]}")
 
@@ -2734,7 +2910,10 @@ class Job:
                               " every process must name the same job")
         self.job_id = cfg.job_id or local_job_id()
         self.work_dir = Path(cfg.work_dir or default_work_dir(self.job_id)).resolve()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        check_work_dir(self.work_dir)
+        # One job per work dir, before anything reads or writes the journal (rank 0 holds it
+        # for the job's processes: the other ranks of a distributed run share the dir).
+        self._work_dir_lock = lock_work_dir(self.work_dir) if self.is_main else None
         if self.is_main:  # an earlier attempt's reason must not outlive this attempt's start
             (self.work_dir / FAILURE_NAME).unlink(missing_ok=True)
         self.cache_dir = Path(cfg.cache_dir).resolve() if cfg.cache_dir else self.work_dir / "cache"
@@ -2868,6 +3047,7 @@ class Job:
         the validation result, logs MLflow metrics at step = epoch, and honours a cancel request.
         `checkpoint` must be written atomically (see `atomic_path`).
         """
+        self.check_finite(epoch, training, validation, checkpoint=checkpoint)
         elapsed = (time.monotonic() - self._epoch_started) if epoch_time_s is None else epoch_time_s
         self._epoch_times.append(elapsed)
         mean = sum(self._epoch_times[-5:]) / len(self._epoch_times[-5:])
@@ -2909,6 +3089,40 @@ class Job:
         if self.cancel_requested.is_set():
             raise JobCancelled(f"cancelled by the platform after epoch {epoch}")
         self.start_epoch()
+
+    def check_finite(self, epoch: int, training: TrainingMetrics | None = None,
+                     validation: ValidationResult | None = None, *,
+                     checkpoint: Path | None = None) -> None:
+        """Divergence is a failure: a loss that stopped being finite ends the job `failed`.
+
+        `end_epoch` calls it first; a trainer whose framework could hide the epoch (Ultralytics
+        reloads last.pt on a NaN loss and retries) calls it itself as soon as the loss is known.
+        A NaN step makes the epoch's mean loss NaN, so the check sees every such step, at the
+        end of its epoch. `checkpoint` (else the last one handed to end_epoch) is uploaded as
+        last.pt, for inspection, before TrainingDiverged (exit EXIT_DIVERGED) is raised.
+        """
+        losses = (("training loss", training.loss if training else None),
+                  ("validation loss", validation.overall_loss if validation else None))
+        bad = [(what, value) for what, value in losses
+               if value is not None and not math.isfinite(value)]
+        if not bad:
+            return
+        what, value = bad[0]
+        checkpoint = checkpoint or self.last_checkpoint
+        if self.is_main and checkpoint is not None and checkpoint.is_file():
+            self.upload(checkpoint, self.checkpoint_key("last.pt"), background=True)
+            try:
+                self.uploads.flush(timeout=DIVERGED_UPLOAD_S)
+            except StorageError as exc:
+                log.warning("could not upload last.pt of the diverged run: %s", exc)
+        raise TrainingDiverged(f"training diverged: the {what} is {value} at epoch {epoch} "
+                               "(try a lower LEARNING_RATE); last.pt was kept for inspection")
+
+    def release_work_dir(self) -> None:
+        """Give the work dir's lock back (the kernel does it anyway when the process ends)."""
+        if self._work_dir_lock is not None:
+            os.close(self._work_dir_lock)
+            self._work_dir_lock = None
 
     # -- start and end -------------------------------------------------------------------------
     def start(self, run_name: str | None = None) -> None:
@@ -3003,6 +3217,58 @@ class Job:
         self.uploads.close(0.1)
 
 
+DIVERGED_UPLOAD_S = 120.0  # most seconds spent uploading a diverged run's last.pt
+WORK_DIR_MIN_FREE_MB = 16  # the journal, the failure record and a few checkpoints' metadata
+WORK_DIR_LOCK = ".job.lock"
+
+
+def check_work_dir(work_dir: Path) -> None:
+    """WORK_DIR exists (created if need be), is writable and has room for the journal.
+
+    Checked before anything else, so an unusable work dir is one line and a `failed` status
+    (sent without a journal), not a traceback at the first journal write.
+    """
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work_dir):
+            pass
+        free_mb = shutil.disk_usage(work_dir).free // 2**20
+    except OSError as exc:
+        raise WorkDirError(f"WORK_DIR={work_dir} is unusable: {exc.strerror or exc}"
+                           f"{f' ({exc.filename})' if exc.filename else ''}") from None
+    if free_mb < WORK_DIR_MIN_FREE_MB:
+        raise WorkDirError(f"WORK_DIR={work_dir} has {free_mb} MiB free, under the "
+                           f"{WORK_DIR_MIN_FREE_MB} MiB a job needs for its journal")
+
+
+def lock_work_dir(work_dir: Path) -> int:
+    """Take the work dir for this process: an exclusive `flock` on WORK_DIR/.job.lock.
+
+    The kernel releases it when the process ends, however it ends (SIGKILL and OOM included),
+    so a restart is never blocked by a dead attempt; a second live process with the same work
+    dir (a platform retry racing the original) gets WorkDirBusy naming the holder's pid. The
+    returned descriptor stays open for the life of the process.
+    """
+    import fcntl
+
+    path = work_dir / WORK_DIR_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise WorkDirError(f"WORK_DIR={work_dir} is unusable: cannot open {path.name}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkDirBusy(f"WORK_DIR={work_dir} is in use by another process (pid {holder}): "
+                          "one job per work dir; this one sent nothing") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _unfinished_attempt(journal: Path, job_id: str) -> bool:
     """Whether this work dir holds the journal of an attempt of `job_id` that did not complete."""
     statuses = []
@@ -3060,9 +3326,14 @@ def _report_config_error(exc: ConfigError, environ: Mapping[str, str]) -> None:
         token = secret_from_env("INTERNAL_AUTH_TOKEN", environ)
     except ConfigError:  # a token file that cannot be read (already in the error line)
         token = None
-    client = CallbackClient(environ.get("CALLBACK_URL"), token, job_id,
-                            Path(work_dir) / JOURNAL_NAME, timeout=(3.05, 5.0),
-                            ca_bundle=environ.get("CA_BUNDLE") or None)
+    callback_url = environ.get("CALLBACK_URL")
+    try:
+        check_url("CALLBACK_URL", callback_url or "http://unset", HTTP_SCHEMES)
+    except ConfigError:  # no call could reach it: do not spend the flush budget retrying
+        callback_url = None
+    client = CallbackClient(callback_url, token, job_id, Path(work_dir) / JOURNAL_NAME,
+                            timeout=(3.05, 5.0), ca_bundle=environ.get("CA_BUNDLE") or None,
+                            journal_optional=True)
     client.send("PATCH", "status", {"status": "failed", "error": line, "progress": None,
                                     "updated_at": _utc_now(), "mlflow_experiment_id": None,
                                     "mlflow_run_id": None})
@@ -3108,16 +3379,20 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
     configure_logging(cfg.log_level, cfg.secret_values())
     try:
         job = Job(kind, cfg, framework=framework, environ=environ)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        _report_config_error(exc, environ)
+    except WorkDirBusy as exc:  # the holder is this job's live attempt: its keys are its own
+        log.error("%s", one_line(str(exc)))
+        _record_failure(None, one_line(str(exc)), cfg.termination_log)
         return exc.exit_code
-    except OSError as exc:  # e.g. a WORK_DIR that cannot be created
-        error = ConfigError(f"cannot set up the job: {exc.strerror or exc}: "
-                            f"{exc.filename or cfg.work_dir}")
-        log.error("%s", error)
+    except (OSError, WorkDirError) as exc:  # e.g. a WORK_DIR that cannot be created or written
+        error = exc if isinstance(exc, WorkDirError) else ConfigError(
+            f"cannot set up the job: {exc.strerror or exc}: {exc.filename or cfg.work_dir}")
+        log.error("%s", one_line(str(error)))
         _report_config_error(error, environ)
         return error.exit_code
+    except ConfigError as exc:  # e.g. torchrun without JOB_ID
+        log.error("%s", one_line(str(exc)))
+        _report_config_error(exc, environ)
+        return exc.exit_code
     _active_job = job
     log.info("%s job %s (%s%s), work dir %s", kind, job.job_id, framework,
              "; no JOB_ID: a new local job" if job.id_generated else "", job.work_dir)
@@ -3167,6 +3442,7 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
             _record_failure(job.work_dir, error, cfg.termination_log)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        job.release_work_dir()
         _active_job = None
         log.info("%s job %s %s in %.1f s (exit %d)", kind, job.job_id, outcome,
                  time.monotonic() - started, code)

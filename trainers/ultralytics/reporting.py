@@ -79,6 +79,9 @@ class EpochReporter:
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         self._trained_epoch = trainer.epoch + 1  # Ultralytics counts from 0, the platform from 1
+        # Now, before Ultralytics' validation: on a non-finite loss it would reload last.pt and
+        # retry the epoch (three times, then a bare RuntimeError) instead of failing the job.
+        self.job.check_finite(self._trained_epoch, metric_names.training_metrics(trainer))
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         names = class_names_of(trainer)

@@ -38,6 +38,10 @@ SETTINGS = utils.merge_settings(
     utils.with_defaults(utils.TRAIN_SETTINGS, MODEL_NAME="yolo11n", EPOCHS=10, BATCH_SIZE=16,
                         IMAGE_SIZE=640, NUM_WORKERS=8),
     (
+        # Ultralytics checks lr0 against [0, 1] (a CFG_FRACTION_KEY) only once training starts,
+        # after the download: checked up front here (a test keeps this equal to its range).
+        dataclasses.replace(next(s for s in utils.TRAIN_SETTINGS if s.name == "LEARNING_RATE"),
+                            maximum=1.0),
         utils.Setting("OPTIMIZER", "str", "AdamW", "Ultralytics optimizer (`auto` chooses its "
                       "own and ignores LEARNING_RATE).", choices=OPTIMIZERS, group="advanced"),
         utils.Setting("AMP", "bool", True, "Mixed precision on GPU (always off on CPU).",
