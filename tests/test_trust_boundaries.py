@@ -506,7 +506,7 @@ def test_a_secret_from_its_file_is_used_and_redacted(utils_module: ModuleType, t
     logged = capsys.readouterr().err  # what the job's log handler wrote
     assert "token is ***" in logged and "'INTERNAL_AUTH_TOKEN': '<redacted>'" in logged
     assert "file-token-123" not in logged
-    cfg = parse(utils_module, {"DATASET_ID": "d", "STORAGE_TYPE": "minio", "MINIO_ENDPOINT": "x",
+    cfg = parse(utils_module, {"DATASET_ID": "d", "STORAGE_TYPE": "minio", "MINIO_ENDPOINT": "http://x",
                                "MINIO_ACCESS_KEY": "k", "MINIO_SECRET_KEY_FILE": str(token_file)})
     assert cfg.minio_secret_key == "file-token-123"
     assert cfg.redacted()["MINIO_SECRET_KEY"] == "<redacted>"
