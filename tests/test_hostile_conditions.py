@@ -408,7 +408,10 @@ def test_a_trickling_mlflow_switches_tracking_off_in_bounded_time(tmp_path, util
         started = time.monotonic()
         assert tracker.start("run", {}) is None
         assert time.monotonic() - started < 6.0
-        assert "no complete answer within 1.5 s" in tracker.disabled_reason
+        # The health check or the first client call runs out of its total (which one depends
+        # on how fast the status line came on a loaded machine): either way, a bounded time.
+        reason = tracker.disabled_reason
+        assert "no complete answer within 1.5 s" in reason or "unreachable (Timeout)" in reason
         assert [c.path for c in server.calls][:1] == ["/health"]
     finally:
         server.close()

@@ -65,10 +65,10 @@ def launch_command(script: Path, argv: Sequence[str], processes: int) -> list[st
 def relaunch_under_torchrun(script: Path, argv: Sequence[str], processes: int) -> None:
     """Replace this process with torchrun running `script` once per GPU (never returns)."""
     command = launch_command(script, argv, processes)
-    if not os.environ.get("JOB_ID"):  # a local run: its processes must share one generated id
+    if not utils.get_env_str("JOB_ID"):  # a local run: its processes must share one id
         os.environ["JOB_ID"] = utils.local_job_id()
     log.info("DEVICE names %d GPUs: relaunching under torchrun (%s)", processes,
-                   " ".join(command[1:5]))
+             " ".join(command[1:5]))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
