@@ -3,6 +3,10 @@
 FRAMEWORK: replace `TinyCNN` / `create_model` with your framework's model factory. Keep the
 checkpoint self-describing: predict.py and evaluate.py read the class names, image size and
 normalisation from it and never guess.
+
+Two forms of one checkpoint (docs/checkpoints.md): the resumable `last.pt` (everything, optimizer
+and schedule included) and the weights-only form of `epoch-N.pt`, `best.pt` and a finished job's
+`last.pt` (`save_weights`: the same description, no training state).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from torch import nn
 
 import utils
 
-CHECKPOINT_FORMAT = "vision-platform/pytorch/1"
+CHECKPOINT_FORMAT = "vision-platform/pytorch/2"
+# Format 1 (every file resumable, before weights-only checkpoints) reads the same way.
+READABLE_FORMATS = (CHECKPOINT_FORMAT, "vision-platform/pytorch/1")
+TRAINING_STATE = ("optimizer", "scheduler", "best_value")  # what the weights-only form leaves out
 
 
 class TinyCNN(nn.Module):
@@ -80,6 +87,17 @@ def save_checkpoint(path: Path, **state: Any) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
 
 
+def save_weights(path: Path, state: dict[str, Any]) -> Path:
+    """The weights-only form of a checkpoint's `state`: what evaluate, predict, export and
+    fine-tuning read, without the optimizer and schedule a resume needs."""
+    save_checkpoint(path, **{k: v for k, v in state.items() if k not in TRAINING_STATE})
+    return path
+
+
+def is_weights_only(checkpoint: dict[str, Any]) -> bool:
+    return checkpoint.get("optimizer") is None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -87,7 +105,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise utils.CheckpointError(f"{path.name} is not a readable checkpoint "
                                     f"({type(exc).__name__})") from exc
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found != CHECKPOINT_FORMAT:
+    if found not in READABLE_FORMATS:
         raise utils.CheckpointError(f"{path.name} is not a {CHECKPOINT_FORMAT} checkpoint "
                                     f"(format: {found or 'unknown, another framework'})")
     return checkpoint

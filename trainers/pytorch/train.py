@@ -2,8 +2,9 @@
 
 The platform runs this as a job configured by environment variables (see --help; a flag wins
 over its variable). It stages datasets/{DATASET_ID}.zip, trains, reports every epoch to the
-backend and MLflow, uploads checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt and ends with a
-`completed`, `failed` or `cancelled` status.
+backend and MLflow, uploads checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt (last.pt resumable;
+the others, and a finished job's last.pt, weights only) and ends with a `completed`, `failed` or
+`cancelled` status.
 
 FRAMEWORK: the template trains a tiny CNN (model.py) on image folders (data.py). Replace
 `train_one_epoch`, `validate` and the model/data factories with your framework's code; keep
@@ -12,6 +13,7 @@ FRAMEWORK: the template trains a tiny CNN (model.py) on image folders (data.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -47,6 +49,7 @@ def train(job: utils.Job) -> utils.JobResult:
         load_checkpoint,
         resolve_device,
         save_checkpoint,
+        save_weights,
     )
 
     cfg = job.cfg
@@ -69,11 +72,12 @@ def train(job: utils.Job) -> utils.JobResult:
 
     start_epoch, best_value = 1, -math.inf
     if cfg.checkpoint_path:
-        start_epoch, best_value = restore(load_checkpoint(job.fetch_checkpoint()), model,
+        start_epoch, best_value = restore(job, load_checkpoint(job.fetch_checkpoint()), model,
                                           optimizer, scheduler, splits.class_names)
 
     out_dir = job.work_dir / "checkpoints"
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    last_path, weights_path, best_path = (out_dir / "last.pt", out_dir / "weights.pt",
+                                          out_dir / "best.pt")
     best_result: utils.ValidationResult | None = None
     for epoch in range(start_epoch, cfg.epochs + 1):
         job.start_epoch()
@@ -83,8 +87,8 @@ def train(job: utils.Job) -> utils.JobResult:
         result = validate(model, val_loader, device, splits.class_names)
         is_best = result.primary_metric_value > best_value
         best_value = max(best_value, result.primary_metric_value)
-        save_checkpoint(
-            last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+        state = dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), epoch=epoch, epochs=cfg.epochs,
             best_value=best_value, model_name=cfg.model_name, model_kwargs=model_kwargs,
             class_names=splits.class_names, image_size=cfg.image_size,
@@ -93,28 +97,34 @@ def train(job: utils.Job) -> utils.JobResult:
             task_type=TASK_TYPE, metrics=result.metrics,
             config={k: v for k, v in cfg.redacted().items() if v != "<redacted>"},
             versions={"torch": str(torch.__version__)})
-        if is_best:
-            best_result = result
-            utils.link_or_copy(last_path, best_path)  # no second write of the bytes
+        save_checkpoint(last_path, **state)
         training.learning_rate = optimizer.param_groups[0]["lr"]
         training.extra_metrics["throughput_img_s"] = round(
             len(splits.train) / max(time.monotonic() - started, 1e-9), 1)
         job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=last_path,
-                      is_best=is_best)
+                      is_best=is_best, weights=functools.partial(save_weights, weights_path,
+                                                                 state))
+        if is_best:
+            best_result = result
+            save_weights(best_path, state)
         log_epoch(epoch, cfg.epochs, training, result)
 
     return finish(job, best_result, best_path)
 
 
-def restore(checkpoint: dict[str, Any], model, optimizer, scheduler,
+def restore(job: utils.Job, checkpoint: dict[str, Any], model, optimizer, scheduler,
             class_names: list[str]) -> tuple[int, float]:
-    """Resume an interrupted job (epoch < its total) or fine-tune from a finished model."""
+    """Resume an interrupted job (a resumable last.pt, epoch < its total) or fine-tune from a
+    finished model (any weights-only checkpoint: epoch-N.pt, best.pt, a finished last.pt)."""
+    from model import is_weights_only
+
+    job.refuse_weights_only_resume(is_weights_only(checkpoint))
     if checkpoint["class_names"] != class_names:
         raise utils.CheckpointError(
             f"checkpoint classes {checkpoint['class_names']} differ from the dataset's "
             f"{class_names}")
     model.load_state_dict(checkpoint["model"])
-    if checkpoint["epoch"] < checkpoint["epochs"]:
+    if not is_weights_only(checkpoint) and checkpoint["epoch"] < checkpoint["epochs"]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         utils.log.info("resuming after epoch %d", checkpoint["epoch"])
