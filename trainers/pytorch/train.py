@@ -98,15 +98,16 @@ def train(job: utils.Job) -> utils.JobResult:
             config={k: v for k, v in cfg.redacted().items() if v != "<redacted>"},
             versions={"torch": str(torch.__version__)})
         save_checkpoint(last_path, **state)
+        # The weights-only form, written once when first asked for (here, or by the upload).
+        weights = functools.cache(functools.partial(save_weights, weights_path, state))
+        if is_best:
+            best_result = result
+            utils.link_or_copy(weights(), best_path)  # no second write of the bytes
         training.learning_rate = optimizer.param_groups[0]["lr"]
         training.extra_metrics["throughput_img_s"] = round(
             len(splits.train) / max(time.monotonic() - started, 1e-9), 1)
         job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=last_path,
-                      is_best=is_best, weights=functools.partial(save_weights, weights_path,
-                                                                 state))
-        if is_best:
-            best_result = result
-            save_weights(best_path, state)
+                      is_best=is_best, weights=weights)
         log_epoch(epoch, cfg.epochs, training, result)
 
     return finish(job, best_result, best_path)
