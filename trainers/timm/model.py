@@ -3,6 +3,9 @@
 A checkpoint holds everything evaluate.py and predict.py need to rebuild the model and its
 preprocessing (architecture, keyword arguments, class names, resolved data config), and
 everything train.py needs to resume (optimizer, scheduler, EMA, AMP scaler, epoch, update count).
+That resumable form is `last.pt`; `epoch-N.pt`, `best.pt` and a finished job's `last.pt` are the
+weights-only form (`save_weights`): the inference weights (the EMA's when the run keeps one) and
+the same description, no training state (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import utils
 
 log = logging.getLogger("trainer")
 
-CHECKPOINT_FORMAT = "vision-platform/timm/1"
+CHECKPOINT_FORMAT = "vision-platform/timm/2"
+# Format 1 (every file resumable, before weights-only checkpoints) reads the same way.
+READABLE_FORMATS = (CHECKPOINT_FORMAT, "vision-platform/timm/1")
+TRAINING_STATE = ("model", "ema", "optimizer", "scheduler", "scaler", "best_value")
 
 # create_model keywords the trainer sets itself: EXTRA_ARGS may not override them.
 RESERVED_MODEL_ARGS = {
@@ -130,6 +136,19 @@ def save_checkpoint(path: Path, **state: Any) -> None:
                     **state}, tmp)
 
 
+def save_weights(path: Path, state: dict[str, Any]) -> Path:
+    """The weights-only form of a resumable checkpoint's `state`: its inference weights as
+    `model`, without the optimizer, schedule, scaler and training weights a resume needs."""
+    weights = inference_weights(state)
+    save_checkpoint(path, model=weights,
+                    **{k: v for k, v in state.items() if k not in TRAINING_STATE})
+    return path
+
+
+def is_weights_only(checkpoint: dict[str, Any]) -> bool:
+    return checkpoint.get("optimizer") is None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,7 +156,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise utils.CheckpointError(f"{path.name} is not a readable checkpoint "
                                     f"({type(exc).__name__})") from exc
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found != CHECKPOINT_FORMAT:
+    if found not in READABLE_FORMATS:
         raise utils.CheckpointError(f"{path.name} is not a {CHECKPOINT_FORMAT} checkpoint "
                                     f"(format: {found or 'unknown, another framework'})")
     return checkpoint
