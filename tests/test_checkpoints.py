@@ -6,7 +6,6 @@ weights-only file. The contract alone on a real S3 server (fast), then the templ
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
@@ -37,17 +36,16 @@ def contract_env(s3: S3Server, backend: RecordingBackend, tmp_path: Path, **extr
 def three_epochs(utils, best_epoch: int = 2):
     """A work function: epoch N's resumable checkpoint is b"full-N", its weights b"w-N"."""
 
-    def write(job, name: str, content: bytes) -> Path:
-        with utils.atomic_path(job.work_dir / name) as tmp:
-            tmp.write_bytes(content)
-        return job.work_dir / name
+    def weights_only(source: Path, dest: Path) -> None:
+        dest.write_bytes(source.read_bytes().replace(b"full-", b"w-"))
 
     def work(job):
+        last = job.work_dir / "last.pt"
         for epoch in (1, 2, 3):
-            last = write(job, "last.pt", f"full-{epoch}".encode())
-            weights = functools.partial(write, job, "weights.pt", f"w-{epoch}".encode())
+            with utils.atomic_path(last) as tmp:
+                tmp.write_bytes(f"full-{epoch}".encode())
             job.end_epoch(epoch, 3, utils.TrainingMetrics(loss=1.0), checkpoint=last,
-                          weights=weights, is_best=epoch == best_epoch)
+                          weights=weights_only, is_best=epoch == best_epoch)
         return utils.JobResult(checkpoint_path=job.best_checkpoint_uri)
 
     return work
@@ -111,6 +109,27 @@ def test_a_cancelled_job_keeps_its_resumable_last(utils_module, s3: S3Server,
     assert s3.get_bytes(prefix + "last.pt") == b"full-3"
     assert meta(s3, prefix + "last.pt") == {"epoch": "3", "checkpoint": "resumable"}
     assert [s3.get_bytes(prefix + f"epoch-{n}.pt") for n in (1, 2, 3)] == [b"w-1", b"w-2", b"w-3"]
+
+
+def test_a_failing_weights_converter_fails_the_job(utils_module, s3: S3Server,
+                                                    backend: RecordingBackend,
+                                                    tmp_path: Path) -> None:
+    utils = utils_module
+
+    def broken(source: Path, dest: Path) -> None:
+        raise ValueError("not a checkpoint")
+
+    def work(job):
+        last = job.work_dir / "last.pt"
+        last.write_bytes(b"full-1")
+        job.end_epoch(1, 1, utils.TrainingMetrics(loss=1.0), checkpoint=last, weights=broken)
+
+    env = contract_env(s3, backend, tmp_path)
+    assert utils.run_job("train", utils.TRAIN_SETTINGS, work, framework="test", argv=[],
+                         environ=env) == utils.EXIT_DATA
+    assert backend.bodies("status")[-1]["error"] == (
+        "could not make the weights-only form of checkpoints/job-job-1/epoch-1.pt: "
+        "ValueError: not a checkpoint")
 
 
 @pytest.mark.parametrize("kind", ["minio", "local"])

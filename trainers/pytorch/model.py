@@ -6,7 +6,8 @@ normalisation from it and never guess.
 
 Two forms of one checkpoint (docs/checkpoints.md): the resumable `last.pt` (everything, optimizer
 and schedule included) and the weights-only form of `epoch-N.pt`, `best.pt` and a finished job's
-`last.pt` (`save_weights`: the same description, no training state).
+`last.pt` (`weights_only`: the same description, no training state), which the contract's upload
+worker makes from a snapshot of `last.pt`, off the training loop.
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ def save_checkpoint(path: Path, **state: Any) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
 
 
-def save_weights(path: Path, state: dict[str, Any]) -> Path:
-    """The weights-only form of a checkpoint's `state`: what evaluate, predict, export and
-    fine-tuning read, without the optimizer and schedule a resume needs."""
-    save_checkpoint(path, **{k: v for k, v in state.items() if k not in TRAINING_STATE})
-    return path
+def weights_only(source: Path, dest: Path) -> None:
+    """Write the weights-only form of the checkpoint `source` to `dest`: what evaluate, predict,
+    export and fine-tuning read, without the optimizer and schedule a resume needs."""
+    checkpoint = load_checkpoint(source)
+    torch.save({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, dest)
 
 
 def is_weights_only(checkpoint: dict[str, Any]) -> bool:

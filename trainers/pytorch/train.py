@@ -13,7 +13,6 @@ FRAMEWORK: the template trains a tiny CNN (model.py) on image folders (data.py).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ def train(job: utils.Job) -> utils.JobResult:
         load_checkpoint,
         resolve_device,
         save_checkpoint,
-        save_weights,
+        weights_only,
     )
 
     cfg = job.cfg
@@ -76,8 +75,7 @@ def train(job: utils.Job) -> utils.JobResult:
                                           optimizer, scheduler, splits.class_names)
 
     out_dir = job.work_dir / "checkpoints"
-    last_path, weights_path, best_path = (out_dir / "last.pt", out_dir / "weights.pt",
-                                          out_dir / "best.pt")
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     best_result: utils.ValidationResult | None = None
     for epoch in range(start_epoch, cfg.epochs + 1):
         job.start_epoch()
@@ -87,8 +85,8 @@ def train(job: utils.Job) -> utils.JobResult:
         result = validate(model, val_loader, device, splits.class_names)
         is_best = result.primary_metric_value > best_value
         best_value = max(best_value, result.primary_metric_value)
-        state = dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(),
+        save_checkpoint(
+            last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), epoch=epoch, epochs=cfg.epochs,
             best_value=best_value, model_name=cfg.model_name, model_kwargs=model_kwargs,
             class_names=splits.class_names, image_size=cfg.image_size,
@@ -97,17 +95,15 @@ def train(job: utils.Job) -> utils.JobResult:
             task_type=TASK_TYPE, metrics=result.metrics,
             config={k: v for k, v in cfg.redacted().items() if v != "<redacted>"},
             versions={"torch": str(torch.__version__)})
-        save_checkpoint(last_path, **state)
-        # The weights-only form, written once when first asked for (here, or by the upload).
-        weights = functools.cache(functools.partial(save_weights, weights_path, state))
         if is_best:
             best_result = result
-            utils.link_or_copy(weights(), best_path)  # no second write of the bytes
+            utils.link_or_copy(last_path, best_path)  # no second write of the bytes
         training.learning_rate = optimizer.param_groups[0]["lr"]
         training.extra_metrics["throughput_img_s"] = round(
             len(splits.train) / max(time.monotonic() - started, 1e-9), 1)
+        # last.pt as it is; epoch-N.pt and best.pt as its weights-only form, made by the upload.
         job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=last_path,
-                      is_best=is_best, weights=weights)
+                      is_best=is_best, weights=weights_only)
         log_epoch(epoch, cfg.epochs, training, result)
 
     return finish(job, best_result, best_path)

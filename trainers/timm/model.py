@@ -5,7 +5,8 @@ preprocessing (architecture, keyword arguments, class names, resolved data confi
 everything train.py needs to resume (optimizer, scheduler, EMA, AMP scaler, epoch, update count).
 That resumable form is `last.pt`; `epoch-N.pt`, `best.pt` and a finished job's `last.pt` are the
 weights-only form (`save_weights`): the inference weights (the EMA's when the run keeps one) and
-the same description, no training state (docs/checkpoints.md).
+the same description, no training state (docs/checkpoints.md), which the contract's upload worker
+makes from a snapshot of `last.pt`, off the training loop.
 """
 
 from __future__ import annotations
@@ -136,13 +137,12 @@ def save_checkpoint(path: Path, **state: Any) -> None:
                     **state}, tmp)
 
 
-def save_weights(path: Path, state: dict[str, Any]) -> Path:
-    """The weights-only form of a resumable checkpoint's `state`: its inference weights as
-    `model`, without the optimizer, schedule, scaler and training weights a resume needs."""
-    weights = inference_weights(state)
-    save_checkpoint(path, model=weights,
-                    **{k: v for k, v in state.items() if k not in TRAINING_STATE})
-    return path
+def weights_only(source: Path, dest: Path) -> None:
+    """Write the weights-only form of the checkpoint `source` to `dest`: its inference weights
+    as `model`, without the optimizer, schedule, scaler and training weights a resume needs."""
+    checkpoint = load_checkpoint(source)
+    torch.save({"model": inference_weights(checkpoint),
+                **{k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}}, dest)
 
 
 def is_weights_only(checkpoint: dict[str, Any]) -> bool:

@@ -11,8 +11,8 @@ Several GPUs or nodes: `torchrun --nproc_per_node=N train.py` (DDP; NCCL on GPUs
 
 from __future__ import annotations
 
-import functools
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import utils
@@ -119,12 +119,11 @@ def check_settings(cfg) -> dict[str, Any]:
 def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
     """Train the remaining epochs; returns the best epoch (None when nothing was trained)."""
     from engine import train_one_epoch, validate
-    from model import save_checkpoint, save_weights
+    from model import weights_only
 
     cfg = job.cfg
     out_dir = job.work_dir / "checkpoints"
-    last_path, weights_path, best_path = (out_dir / "last.pt", out_dir / "weights.pt",
-                                          out_dir / "best.pt")
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     best_value, best_epoch = -math.inf, None
     for epoch in range(run.start_epoch, cfg.epochs + 1):
         job.start_epoch()
@@ -139,21 +138,20 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
         is_best = result.primary_metric_value > best_value
         if is_best:
             best_value, best_epoch = result.primary_metric_value, epoch
-        checkpoint = weights = None
+        checkpoint = None
         if dist.is_main:
-            state = run_state(run, job.cfg, epoch=epoch, best_value=best_value,
-                              metrics=result.metrics)
-            save_checkpoint(last_path, **state)
-            # Written once, when first asked for: by best.pt here or by the contract's upload.
-            weights = functools.cache(functools.partial(save_weights, weights_path, state))
+            save_run(last_path, run, job.cfg, epoch=epoch, best_value=best_value,
+                     metrics=result.metrics)
             if is_best:
-                utils.link_or_copy(weights(), best_path)  # no second write of the bytes
+                utils.link_or_copy(last_path, best_path)  # no second write of the bytes
             checkpoint = last_path
             log_epoch(epoch, cfg.epochs, training, result)
         stop = None
         try:
+            # last.pt as it is; epoch-N.pt and best.pt as its weights-only form, made by the
+            # upload worker from a snapshot (the EMA's weights, no optimizer).
             job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=checkpoint,
-                          is_best=is_best, weights=weights)
+                          is_best=is_best, weights=weights_only)
         except utils.JobCancelled as exc:  # rank 0 heard {"cancel": true}: every rank stops
             stop = exc
         if dist.from_main(stop is not None):
@@ -161,14 +159,14 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
     return best_epoch
 
 
-def run_state(run: Run, cfg, *, epoch: int, best_value: float,
-              metrics: dict[str, float]) -> dict[str, Any]:
-    """What last.pt holds: everything a resume needs, and the model's description."""
+def save_run(path: Path, run: Run, cfg, *, epoch: int, best_value: float,
+             metrics: dict[str, float]) -> None:
     from engine import PRIMARY_METRIC, TASK_TYPE
+    from model import save_checkpoint
 
     scaler = run.precision.scaler
-    return dict(
-        model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+    save_checkpoint(
+        path, model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
         scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
         ema=run.ema.module.state_dict() if run.ema is not None else None,
         scaler=scaler.state_dict() if scaler is not None else None,

@@ -1631,18 +1631,21 @@ class Uploader:
 
     def __init__(self, storage: Storage, staging_dir: Path, retry_for_s: float = 300.0):
         self.storage, self.staging_dir, self.retry_for_s = storage, staging_dir, retry_for_s
-        self.errors: list[StorageError] = []
+        self.errors: list[TrainerError] = []
         self._worker = OrderedWorker("uploads", self._upload)
         self._count = 0
 
     def submit(self, local_path: Path | None, key: str, copies: Sequence[str] = (), *,
                metadata: Mapping[str, str] | None = None,
+               convert: Callable[[Path, Path], None] | None = None,
                then: Callable[[], None] | None = None) -> str:
         """Snapshot `local_path` (a hard link, else a copy) and upload it in the background.
 
         `copies`: more keys for the same bytes, made by server-side copies once the upload is
         done, so a checkpoint that is `epoch-N` and `best` crosses the network once.
         `local_path=None`: no upload, only the copies of the existing object `key`.
+        `convert(snapshot, dest)`: upload what it writes to `dest` instead of the snapshot (a
+        checkpoint's weights-only form), made here, off the training loop.
         `then`: called once everything above has landed (e.g. retention deleting older
         objects); skipped when the upload failed.
         """
@@ -1653,15 +1656,20 @@ class Uploader:
             snapshot = self.staging_dir / f"{self._count:06d}-{Path(key).name}"
             # Free, and safe: checkpoints are replaced (atomic_path), never rewritten in place.
             link_or_copy(local_path, snapshot)
-        self._worker.submit((snapshot, key, tuple(copies), metadata, then))
+        self._worker.submit((snapshot, key, tuple(copies), metadata, convert, then))
         return self.storage.uri(key)
 
-    def _upload(self, item: tuple[Path | None, str, tuple[str, ...],
-                                  Mapping[str, str] | None, Callable[[], None] | None]) -> None:
-        snapshot, key, copies, metadata, then = item
+    def _upload(self, item: tuple[Path | None, str, tuple[str, ...], Mapping[str, str] | None,
+                                  Callable[[Path, Path], None] | None,
+                                  Callable[[], None] | None]) -> None:
+        snapshot, key, copies, metadata, convert, then = item
         started = time.monotonic()
         delays = backoff_delays(1.0, 15.0)
         pending: list[tuple[Callable[..., Any], Any, str]] = []
+        if snapshot is not None and convert is not None:
+            snapshot = self._converted(snapshot, key, convert)
+            if snapshot is None:
+                return
         if snapshot is not None:
             pending.append((functools.partial(self.storage.upload, metadata=metadata),
                             snapshot, key))
@@ -1685,6 +1693,23 @@ class Uploader:
         finally:
             if snapshot is not None:
                 snapshot.unlink(missing_ok=True)
+
+    def _converted(self, snapshot: Path, key: str,
+                   convert: Callable[[Path, Path], None]) -> Path | None:
+        """`convert`'s output for `snapshot` (which it replaces); None, recorded, if it fails."""
+        converted = snapshot.with_name(snapshot.name + ".weights")
+        try:
+            convert(snapshot, converted)
+        except Exception as exc:  # a converter's bug or an unreadable file: this upload is lost
+            error = CheckpointError(f"could not make the weights-only form of {key}: "
+                                    f"{type(exc).__name__}: {one_line(str(exc), 200)}")
+            log.error("%s", error)
+            self.errors.append(error)
+            converted.unlink(missing_ok=True)
+            return None
+        finally:
+            snapshot.unlink(missing_ok=True)
+        return converted
 
     def flush(self, timeout: float) -> None:
         """Wait for every queued upload; raise the first failure (an upload is the job's output)."""
@@ -2121,7 +2146,7 @@ class Job:
         self.last_checkpoint: Path | None = None
         self.last_uploaded_epoch: int | None = None
         self.best_checkpoint_uri: str | None = None
-        self._newest_weights: tuple[int, Callable[[], Path], str | None] | None = None
+        self._newest_weights: tuple[int, Callable[[Path, Path], None], str | None] | None = None
         self.progress: float | None = None
         self._epoch_started = time.monotonic()
         self._epoch_times: list[float] = []
@@ -2156,16 +2181,20 @@ class Job:
     # -- outputs -------------------------------------------------------------------------------
     def upload(self, local_path: str | os.PathLike | None, key: str, *, background: bool = False,
                copies: Sequence[str] = (), metadata: Mapping[str, str] | None = None,
+               convert: Callable[[Path, Path], None] | None = None,
                then: Callable[[], None] | None = None) -> str:
         """Upload to `key` (and server-side copies to `copies`); in the background or now.
 
         `local_path=None` uploads nothing: `copies` are then made from the existing `key`.
+        `convert`, `then`: see `Uploader.submit` (background only).
         """
         if not self.is_main:
             return self.storage.uri(key)
         if background:
             return self.uploads.submit(None if local_path is None else Path(local_path), key,
-                                       copies, metadata=metadata, then=then)
+                                       copies, metadata=metadata, convert=convert, then=then)
+        if convert is not None:
+            raise ValueError("convert= needs background=True")
         uri = self.storage.uri(key)
         if local_path is not None:
             uri = self.storage.upload(local_path, key, metadata=metadata)
@@ -2223,14 +2252,14 @@ class Job:
     def end_epoch(self, epoch: int, total_epochs: int, training: TrainingMetrics,
                   validation: ValidationResult | None = None, *, checkpoint: Path | None = None,
                   is_best: bool = False, epoch_time_s: float | None = None,
-                  weights: Callable[[], Path] | None = None) -> None:
+                  weights: Callable[[Path, Path], None] | None = None) -> None:
         """Everything the platform wants after an epoch, in one call (rank 0 only).
 
         Publishes the checkpoints (`publish_checkpoint`: `last.pt` every epoch, weights-only
         `epoch-{N}.pt` and `best.pt`) in the background from snapshots, sends training metrics
         and the validation result, logs MLflow metrics at step = epoch, and honours a cancel
-        request. `checkpoint` (resumable) and the file `weights()` returns (the same epoch,
-        weights only) must be written atomically (see `atomic_path`).
+        request. `checkpoint` (resumable) must be written atomically (see `atomic_path`);
+        `weights(source, dest)` writes its weights-only form (see `publish_checkpoint`).
         """
         elapsed = (time.monotonic() - self._epoch_started) if epoch_time_s is None else epoch_time_s
         self._epoch_times.append(elapsed)
@@ -2265,18 +2294,20 @@ class Job:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def publish_checkpoint(self, epoch: int, total_epochs: int, checkpoint: Path, *,
-                           weights: Callable[[], Path] | None = None,
+                           weights: Callable[[Path, Path], None] | None = None,
                            is_best: bool = False) -> str | None:
         """The one checkpoint-publishing rule (storage layout: docs/checkpoints.md).
 
         `checkpoint` (resumable: optimizer, schedule, ...) goes to `last.pt` every epoch.
-        `weights()` makes the same epoch's weights-only form, called only when it is needed: it
-        goes to `epoch-{N}.pt` every CHECKPOINT_EVERY epochs and at the final epoch (unless
-        KEEP_EPOCH_CHECKPOINTS=0) and to `best.pt` when `is_best` (a server-side copy of
-        `epoch-{N}.pt` when the epoch is both). A trainer without a weights-only form passes
-        `weights=None`: its checkpoint then serves every key, as one upload and server-side
-        copies. Key order: `epoch-{N}.pt` (and `best.pt`) before `last.pt`, so whenever
-        `last.pt` changes, its epoch's weights are already in the bucket under their own name.
+        `weights(source, dest)`, the trainer's converter, writes the weights-only form of the
+        checkpoint file `source` to `dest`; the upload worker runs it on the snapshot, off the
+        training loop, only when the form is needed: for `epoch-{N}.pt` every CHECKPOINT_EVERY
+        epochs and at the final epoch (unless KEEP_EPOCH_CHECKPOINTS=0), and for `best.pt` when
+        `is_best` (a server-side copy of `epoch-{N}.pt` when the epoch is both). A trainer
+        without a weights-only form passes `weights=None`: its checkpoint then serves every key,
+        as one upload and server-side copies. Key order: `epoch-{N}.pt` (and `best.pt`) before
+        `last.pt`, so whenever `last.pt` changes, its epoch's weights are already in the bucket
+        under their own name.
         Returns the URI of `epoch-{N}.pt` when one is published.
         """
         if not self.is_main:
@@ -2298,12 +2329,13 @@ class Job:
             self.upload(checkpoint, keys[0], background=True, copies=keys[1:], metadata=tag,
                         then=prune if epoch_due else None)
         else:
-            form = weights() if epoch_due or is_best else None
             if epoch_due:
-                self.upload(form, epoch_key, background=True, copies=[best_key] * is_best,
-                            metadata=weights_tag, then=prune)
+                self.upload(checkpoint, epoch_key, background=True,
+                            copies=[best_key] if is_best else [], metadata=weights_tag,
+                            convert=weights, then=prune)
             elif is_best:
-                self.upload(form, best_key, background=True, metadata=weights_tag)
+                self.upload(checkpoint, best_key, background=True, metadata=weights_tag,
+                            convert=weights)
             self.upload(checkpoint, last_key, background=True, metadata=tag)
             self._newest_weights = (epoch, weights, epoch_key if epoch_due else None)
         self.last_uploaded_epoch = epoch
@@ -2314,12 +2346,13 @@ class Job:
         form (a server-side copy of that epoch's `epoch-{N}.pt` where there is one)."""
         if not self.is_main or self._newest_weights is None:
             return
+        self.uploads.flush(timeout=3600)  # a lost epoch-N.pt fails the job here, not the copy
         epoch, weights, epoch_key = self._newest_weights
         last_key = self.checkpoint_key("last.pt")
         if epoch_key is not None:
             self.upload(None, epoch_key, background=True, copies=[last_key])
-        else:
-            self.upload(weights(), last_key, background=True,
+        elif self.last_checkpoint is not None and self.last_checkpoint.is_file():
+            self.upload(self.last_checkpoint, last_key, background=True, convert=weights,
                         metadata={"epoch": str(epoch), "checkpoint": "weights"})
         log.info("job completed: %s now holds epoch %d's weights only", self.storage.uri(last_key),
                  epoch)

@@ -7,15 +7,14 @@ Ultralytics callbacks that hand each trained epoch to `job.end_epoch` exactly on
 fires `on_fit_epoch_end` once more after the last epoch, for its final validation of best.pt; that
 call has no training epoch before it, so it is kept as the final result instead of being sent.
 
-What the platform keeps (docs/checkpoints.md) is a copy of each epoch's resumable last.pt and, when
-the contract asks for it, that copy stripped by Ultralytics' own `strip_optimizer` (the EMA weights
-in FP16, no optimizer: what Ultralytics itself leaves when training ends). Ultralytics' files in its
-save_dir are its working files.
+What the platform keeps (docs/checkpoints.md) is a copy of each epoch's resumable last.pt and, for
+epoch-N.pt and best.pt, that copy stripped by Ultralytics' own `strip_optimizer` (the EMA weights in
+FP16, no optimizer: what Ultralytics itself leaves when training ends), which the contract's upload
+worker makes from a snapshot. Ultralytics' files in its save_dir are its working files.
 """
 
 from __future__ import annotations
 
-import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,6 @@ class EpochReporter:
     def __init__(self, job: utils.Job, task: str, checkpoint_dir: Path):
         self.job, self.task = job, task
         self.checkpoint = checkpoint_dir / "last.pt"
-        self.weights = checkpoint_dir / "weights.pt"
         self.final: utils.ValidationResult | None = None  # the final validation of best.pt
         self.last: utils.ValidationResult | None = None
         self.best_epoch: int | None = None
@@ -76,10 +74,9 @@ class EpochReporter:
         is_best = trainer.fitness is not None and trainer.best_fitness == trainer.fitness
         checkpoint = self._snapshot(Path(trainer.last))
         training = metric_names.training_metrics(trainer)
-        # Stripped once, when the contract first asks (an epoch-N.pt, best.pt, the final last.pt).
-        weights = functools.cache(self._weights_only) if checkpoint is not None else None
         self.job.end_epoch(epoch, trainer.epochs, training, result, checkpoint=checkpoint,
-                           is_best=is_best, epoch_time_s=trainer.epoch_time, weights=weights)
+                           is_best=is_best, epoch_time_s=trainer.epoch_time,
+                           weights=strip_to_weights)
         self.last = result
         self.epochs_reported.append(epoch)
         if is_best:
@@ -98,14 +95,12 @@ class EpochReporter:
         return self.checkpoint
 
 
-    def _weights_only(self) -> Path:
-        """The snapshot's weights-only form, by Ultralytics' own strip_optimizer."""
-        from ultralytics.utils.torch_utils import strip_optimizer
+def strip_to_weights(source: Path, dest: Path) -> None:
+    """The weights-only form of an Ultralytics checkpoint, by Ultralytics' own strip_optimizer."""
+    from ultralytics.utils.torch_utils import strip_optimizer
 
-        with utils.atomic_path(self.weights) as tmp:
-            if not strip_optimizer(self.checkpoint, str(tmp)):
-                raise utils.CheckpointError(f"Ultralytics could not strip {self.checkpoint}")
-        return self.weights
+    if not strip_optimizer(source, str(dest)):
+        raise utils.CheckpointError(f"Ultralytics could not strip {source.name}")
 
 
 def class_names_of(trainer: Any) -> list[str]:
