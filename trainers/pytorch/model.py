@@ -90,8 +90,9 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 
 def weights_only(source: Path, dest: Path) -> None:
     """Write the weights-only form of the checkpoint `source` to `dest`: what evaluate, predict,
-    export and fine-tuning read, without the optimizer and schedule a resume needs."""
-    checkpoint = load_checkpoint(source)
+    export and fine-tuning read, without the optimizer and schedule a resume needs. Memory-mapped:
+    only the tensors kept are read."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     torch.save({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, dest)
 
 

@@ -139,8 +139,9 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 
 def weights_only(source: Path, dest: Path) -> None:
     """Write the weights-only form of the checkpoint `source` to `dest`: its inference weights
-    as `model`, without the optimizer, schedule, scaler and training weights a resume needs."""
-    checkpoint = load_checkpoint(source)
+    as `model`, without the optimizer, schedule, scaler and training weights a resume needs.
+    Memory-mapped: only the tensors kept are read (this runs beside training)."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     torch.save({"model": inference_weights(checkpoint),
                 **{k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}}, dest)
 
