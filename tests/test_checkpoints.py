@@ -301,3 +301,18 @@ def test_sigterm_leaves_a_resumable_last_and_only_last_resumes(trained: Bucket) 
     events = [json.loads(line) for line in journal]
     assert [e["body"]["epoch"] for e in events if e["route"] == "training-metrics"] == [
         done + 1, done + 2]
+
+
+@pytest.mark.slow
+def test_a_format_1_checkpoint_still_loads(trained: Bucket) -> None:
+    """Before weights-only checkpoints every file was resumable and said format 1."""
+    import torch
+
+    assert trained.result.returncode == 0, trained.result.stderr[-3000:]
+    checkpoint = load(trained.download("checkpoints/job-done/best.pt"))
+    old = trained.tmp / "format-1.pt"
+    torch.save({**checkpoint, "format": "vision-platform/pytorch/1"}, old)
+    trained.s3.client.upload_file(str(old), trained.bucket, "checkpoints/job-old/last.pt")
+    evaluated = run("evaluate.py", trained.env("eval-old",
+                                               CHECKPOINT_PATH="checkpoints/job-old/last.pt"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]

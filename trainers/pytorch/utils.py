@@ -2186,7 +2186,7 @@ class Job:
         """Upload to `key` (and server-side copies to `copies`); in the background or now.
 
         `local_path=None` uploads nothing: `copies` are then made from the existing `key`.
-        `convert`, `then`: see `Uploader.submit` (background only).
+        `convert` (background only) and `then`: see `Uploader.submit`.
         """
         if not self.is_main:
             return self.storage.uri(key)
