@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -340,6 +341,9 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("SEED", "int", 0, "Random seed.", group="advanced"),
     Setting("CHECKPOINT_EVERY", "int", 1, "Upload an epoch checkpoint every N epochs.", minimum=1,
             group="advanced"),
+    Setting("KEEP_EPOCH_CHECKPOINTS", "int", None, "Keep the newest N epoch-N.pt in the bucket, "
+            "deleting older ones (0: upload none); default: keep all. best.pt and last.pt stay.",
+            minimum=0, group="advanced"),
     Setting("PRESET", help="Named bundle of framework options; EXTRA_ARGS overrides single "
             "values.", group="advanced"),
     Setting("EXTRA_ARGS", "json", None, "Framework options as a JSON object, over PRESET's; each "
@@ -1517,14 +1521,18 @@ class Storage:
         os.replace(partial, dest)
         return dest
 
-    def upload(self, local_path: str | os.PathLike, path: str) -> str:
+    def upload(self, local_path: str | os.PathLike, path: str, *,
+               metadata: Mapping[str, str] | None = None) -> str:
+        """`metadata`: S3 user metadata (x-amz-meta-*), kept by server-side copies; a local
+        bucket has none."""
         bucket, key = self.split(path)
         local_path = Path(local_path)
         if self.kind == "local":
             return self._local_put(local_path, key)
+        extra = {"Metadata": dict(metadata)} if metadata else None
         try:
             self._within(lambda: self.client.upload_file(
-                str(local_path), bucket, key, Config=self._transfer_config()),
+                str(local_path), bucket, key, ExtraArgs=extra, Config=self._transfer_config()),
                 local_path.stat().st_size)
         except Exception as exc:
             raise self._error(exc, bucket, key, "uploading") from exc
@@ -1556,6 +1564,17 @@ class Storage:
         except Exception as exc:
             raise self._error(exc, bucket, key, "copying to") from exc
         return f"s3://{bucket}/{key}"
+
+    def delete(self, path: str) -> None:
+        """Remove an object; one that is already gone is not an error."""
+        bucket, key = self.split(path)
+        if self.kind == "local":
+            (self.local_root / key).unlink(missing_ok=True)
+            return
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise self._error(exc, bucket, key, "deleting") from exc
 
     def list(self, prefix: str) -> list[str]:
         bucket, prefix = self.split(prefix)
@@ -2333,29 +2352,48 @@ class Uploader:
 
     def __init__(self, storage: Storage, staging_dir: Path, retry_for_s: float = 300.0):
         self.storage, self.staging_dir, self.retry_for_s = storage, staging_dir, retry_for_s
-        self.errors: list[StorageError] = []
+        self.errors: list[TrainerError] = []
         self._worker = OrderedWorker("uploads", self._upload)
         self._count = 0
 
-    def submit(self, local_path: Path, key: str, copies: Sequence[str] = ()) -> str:
+    def submit(self, local_path: Path | None, key: str, copies: Sequence[str] = (), *,
+               metadata: Mapping[str, str] | None = None,
+               convert: Callable[[Path, Path], None] | None = None,
+               then: Callable[[], None] | None = None) -> str:
         """Snapshot `local_path` (a hard link, else a copy) and upload it in the background.
 
         `copies`: more keys for the same bytes, made by server-side copies once the upload is
-        done, so a checkpoint that is `epoch-N`, `last` and `best` crosses the network once.
+        done, so a checkpoint that is `epoch-N` and `best` crosses the network once.
+        `local_path=None`: no upload, only the copies of the existing object `key`.
+        `convert(snapshot, dest)`: upload what it writes to `dest` instead of the snapshot (a
+        checkpoint's weights-only form), made here, off the training loop.
+        `then`: called once everything above has landed (e.g. retention deleting older
+        objects); skipped when the upload failed.
         """
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        self._count += 1
-        snapshot = self.staging_dir / f"{self._count:06d}-{Path(key).name}"
-        # Free, and safe: checkpoints are replaced (atomic_path), never rewritten in place.
-        link_or_copy(local_path, snapshot)
-        self._worker.submit((snapshot, key, tuple(copies)))
+        snapshot = None
+        if local_path is not None:
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            self._count += 1
+            snapshot = self.staging_dir / f"{self._count:06d}-{Path(key).name}"
+            # Free, and safe: checkpoints are replaced (atomic_path), never rewritten in place.
+            link_or_copy(local_path, snapshot)
+        self._worker.submit((snapshot, key, tuple(copies), metadata, convert, then))
         return self.storage.uri(key)
 
-    def _upload(self, item: tuple[Path, str, tuple[str, ...]]) -> None:
-        snapshot, key, copies = item
+    def _upload(self, item: tuple[Path | None, str, tuple[str, ...], Mapping[str, str] | None,
+                                  Callable[[Path, Path], None] | None,
+                                  Callable[[], None] | None]) -> None:
+        snapshot, key, copies, metadata, convert, then = item
         started = time.monotonic()
         delays = backoff_delays(1.0, 15.0)
-        pending = [(self.storage.upload, snapshot, key)]
+        pending: list[tuple[Callable[..., Any], Any, str]] = []
+        if snapshot is not None and convert is not None:
+            snapshot = self._converted(snapshot, key, convert)
+            if snapshot is None:
+                return
+        if snapshot is not None:
+            pending.append((functools.partial(self.storage.upload, metadata=metadata),
+                            snapshot, key))
         pending += [(self.storage.copy, key, other) for other in copies]
         try:
             while pending:
@@ -2371,8 +2409,28 @@ class Uploader:
                         return
                     log.warning("upload of %s failed, retrying: %s", target, exc)
                     time.sleep(min(next(delays), max(self._worker.time_left(), 0)))
+            if then is not None:
+                then()
+        finally:
+            if snapshot is not None:
+                snapshot.unlink(missing_ok=True)
+
+    def _converted(self, snapshot: Path, key: str,
+                   convert: Callable[[Path, Path], None]) -> Path | None:
+        """`convert`'s output for `snapshot` (which it replaces); None, recorded, if it fails."""
+        converted = snapshot.with_name(snapshot.name + ".weights")
+        try:
+            convert(snapshot, converted)
+        except Exception as exc:  # a converter's bug or an unreadable file: this upload is lost
+            error = CheckpointError(f"could not make the weights-only form of {key}: "
+                                    f"{type(exc).__name__}: {one_line(str(exc), 200)}")
+            log.error("%s", error)
+            self.errors.append(error)
+            converted.unlink(missing_ok=True)
+            return None
         finally:
             snapshot.unlink(missing_ok=True)
+        return converted
 
     def flush(self, timeout: float) -> None:
         """Wait for every queued upload; raise the first failure (an upload is the job's output)."""
@@ -2933,6 +2991,7 @@ class Job:
         self.last_checkpoint: Path | None = None
         self.last_uploaded_epoch: int | None = None
         self.best_checkpoint_uri: str | None = None
+        self._newest_weights: tuple[int, Callable[[Path, Path], None], str | None] | None = None
         self.progress: float | None = None
         self._epoch_started = time.monotonic()
         self._epoch_times: list[float] = []
@@ -2984,16 +3043,29 @@ class Job:
                             self.work_dir / "inputs" / "images")
 
     # -- outputs -------------------------------------------------------------------------------
-    def upload(self, local_path: str | os.PathLike, key: str, *, background: bool = False,
-               copies: Sequence[str] = ()) -> str:
-        """Upload to `key` (and server-side copies to `copies`); in the background or now."""
+    def upload(self, local_path: str | os.PathLike | None, key: str, *, background: bool = False,
+               copies: Sequence[str] = (), metadata: Mapping[str, str] | None = None,
+               convert: Callable[[Path, Path], None] | None = None,
+               then: Callable[[], None] | None = None) -> str:
+        """Upload to `key` (and server-side copies to `copies`); in the background or now.
+
+        `local_path=None` uploads nothing: `copies` are then made from the existing `key`.
+        `convert` (background only) and `then`: see `Uploader.submit`.
+        """
         if not self.is_main:
             return self.storage.uri(key)
         if background:
-            return self.uploads.submit(Path(local_path), key, copies)
-        uri = self.storage.upload(local_path, key)
+            return self.uploads.submit(None if local_path is None else Path(local_path), key,
+                                       copies, metadata=metadata, convert=convert, then=then)
+        if convert is not None:
+            raise ValueError("convert= needs background=True")
+        uri = self.storage.uri(key)
+        if local_path is not None:
+            uri = self.storage.upload(local_path, key, metadata=metadata)
         for other in copies:
             self.storage.copy(key, other)
+        if then is not None:
+            then()
         return uri
 
     def upload_artifacts(self, paths: Iterable[str | os.PathLike], subdir: str = "") -> list[str]:
@@ -3039,13 +3111,15 @@ class Job:
 
     def end_epoch(self, epoch: int, total_epochs: int, training: TrainingMetrics,
                   validation: ValidationResult | None = None, *, checkpoint: Path | None = None,
-                  is_best: bool = False, epoch_time_s: float | None = None) -> None:
+                  is_best: bool = False, epoch_time_s: float | None = None,
+                  weights: Callable[[Path, Path], None] | None = None) -> None:
         """Everything the platform wants after an epoch, in one call (rank 0 only).
 
-        Uploads `last.pt` (every epoch), `epoch-{N}.pt` (every CHECKPOINT_EVERY epochs) and
-        `best.pt` (when `is_best`) in the background from snapshots, sends training metrics and
-        the validation result, logs MLflow metrics at step = epoch, and honours a cancel request.
-        `checkpoint` must be written atomically (see `atomic_path`).
+        Publishes the checkpoints (`publish_checkpoint`: `last.pt` every epoch, weights-only
+        `epoch-{N}.pt` and `best.pt`) in the background from snapshots, sends training metrics
+        and the validation result, logs MLflow metrics at step = epoch, and honours a cancel
+        request. `checkpoint` (resumable) must be written atomically (see `atomic_path`);
+        `weights(source, dest)` writes its weights-only form (see `publish_checkpoint`).
         """
         self.check_finite(epoch, training, validation, checkpoint=checkpoint)
         elapsed = (time.monotonic() - self._epoch_started) if epoch_time_s is None else epoch_time_s
@@ -3061,19 +3135,8 @@ class Job:
             return
         epoch_uri = None
         if checkpoint is not None:
-            self.last_checkpoint = checkpoint
-            # last.pt after epoch-N.pt: whenever last.pt changes, the epoch it holds is
-            # already in the bucket under its own name, whatever instant the job is killed.
-            keys = [self.checkpoint_key("last.pt")]
-            if epoch % self.cfg.get("CHECKPOINT_EVERY") == 0 or epoch == total_epochs:
-                keys.insert(0, self.checkpoint_key(f"epoch-{epoch}.pt"))
-                epoch_uri = self.storage.uri(keys[0])
-            if is_best:
-                keys.append(self.checkpoint_key("best.pt"))
-                self.best_checkpoint_uri = self.storage.uri(keys[-1])
-            # One upload; the other keys are server-side copies of it (same bytes, no traffic).
-            self.upload(checkpoint, keys[0], background=True, copies=keys[1:])
-            self.last_uploaded_epoch = epoch
+            epoch_uri = self.publish_checkpoint(epoch, total_epochs, checkpoint, weights=weights,
+                                                is_best=is_best)
         self.send_training_metrics(epoch, training, epoch_uri)
         flat = {f"train/{k}": v for k, v in dataclasses.asdict(training).items()
                 if k != "extra_metrics"}
@@ -3123,6 +3186,104 @@ class Job:
         if self._work_dir_lock is not None:
             os.close(self._work_dir_lock)
             self._work_dir_lock = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def publish_checkpoint(self, epoch: int, total_epochs: int, checkpoint: Path, *,
+                           weights: Callable[[Path, Path], None] | None = None,
+                           is_best: bool = False) -> str | None:
+        """The one checkpoint-publishing rule (storage layout: docs/checkpoints.md).
+
+        `checkpoint` (resumable: optimizer, schedule, ...) goes to `last.pt` every epoch.
+        `weights(source, dest)`, the trainer's converter, writes the weights-only form of the
+        checkpoint file `source` to `dest`; the upload worker runs it on the snapshot, off the
+        training loop, only when the form is needed: for `epoch-{N}.pt` every CHECKPOINT_EVERY
+        epochs and at the final epoch (unless KEEP_EPOCH_CHECKPOINTS=0), and for `best.pt` when
+        `is_best` (a server-side copy of `epoch-{N}.pt` when the epoch is both). A trainer
+        without a weights-only form passes `weights=None`: its checkpoint then serves every key,
+        as one upload and server-side copies. Key order: `epoch-{N}.pt` (and `best.pt`) before
+        `last.pt`, so whenever `last.pt` changes, its epoch's weights are already in the bucket
+        under their own name.
+        Returns the URI of `epoch-{N}.pt` when one is published.
+        """
+        if not self.is_main:
+            return None
+        self.last_checkpoint = checkpoint
+        keep = getattr(self.cfg, "keep_epoch_checkpoints", None)
+        every = getattr(self.cfg, "checkpoint_every", 1) or 1
+        epoch_due = keep != 0 and (epoch % every == 0 or epoch == total_epochs)
+        epoch_key = self.checkpoint_key(f"epoch-{epoch}.pt")
+        last_key, best_key = self.checkpoint_key("last.pt"), self.checkpoint_key("best.pt")
+        tag = {"epoch": str(epoch), "checkpoint": "resumable"}
+        weights_tag = {"epoch": str(epoch), "checkpoint": "weights"}
+        prune = (lambda: self._prune_epoch_checkpoints(keep)) if keep else None
+        if is_best:
+            self.best_checkpoint_uri = self.storage.uri(best_key)
+        if weights is None:
+            # One upload; the other keys are server-side copies of it (same bytes, no traffic).
+            keys = ([epoch_key] if epoch_due else []) + [last_key] + ([best_key] if is_best else [])
+            self.upload(checkpoint, keys[0], background=True, copies=keys[1:], metadata=tag,
+                        then=prune if epoch_due else None)
+        else:
+            if epoch_due:
+                self.upload(checkpoint, epoch_key, background=True,
+                            copies=[best_key] if is_best else [], metadata=weights_tag,
+                            convert=weights, then=prune)
+            elif is_best:
+                self.upload(checkpoint, best_key, background=True, metadata=weights_tag,
+                            convert=weights)
+            self.upload(checkpoint, last_key, background=True, metadata=tag)
+            self._newest_weights = (epoch, weights, epoch_key if epoch_due else None)
+        self.last_uploaded_epoch = epoch
+        return self.storage.uri(epoch_key) if epoch_due else None
+
+    def publish_finished_model(self) -> None:
+        """A completed job is never resumed: its `last.pt` becomes the last epoch's weights-only
+        form (a server-side copy of that epoch's `epoch-{N}.pt` where there is one)."""
+        if not self.is_main or self._newest_weights is None:
+            return
+        self.uploads.flush(timeout=3600)  # a lost epoch-N.pt fails the job here, not the copy
+        epoch, weights, epoch_key = self._newest_weights
+        last_key = self.checkpoint_key("last.pt")
+        if epoch_key is not None:
+            self.upload(None, epoch_key, background=True, copies=[last_key])
+        elif self.last_checkpoint is not None and self.last_checkpoint.is_file():
+            self.upload(self.last_checkpoint, last_key, background=True, convert=weights,
+                        metadata={"epoch": str(epoch), "checkpoint": "weights"})
+        log.info("job completed: %s now holds epoch %d's weights only", self.storage.uri(last_key),
+                 epoch)
+
+    def _prune_epoch_checkpoints(self, keep: int) -> None:
+        """KEEP_EPOCH_CHECKPOINTS: delete all but the newest `keep` epoch-N.pt (run by the upload
+        worker once the newest has landed). A failure leaves extra objects, never fewer."""
+        prefix = self.checkpoint_key("")
+        try:
+            numbered = sorted((int(m.group(1)), key) for key in self.storage.list(prefix)
+                              if (m := re.fullmatch(re.escape(prefix) + r"epoch-(\d+)\.pt", key)))
+            for _, key in numbered[:-keep]:
+                self.storage.delete(key)
+                log.info("deleted %s (KEEP_EPOCH_CHECKPOINTS=%d)", self.storage.uri(key), keep)
+        except StorageError as exc:
+            log.warning("could not prune older epoch checkpoints: %s", exc)
+
+    def owns_checkpoint_path(self) -> bool:
+        """Whether CHECKPOINT_PATH is one of this job's own checkpoints (the job goes on)."""
+        path = getattr(self.cfg, "checkpoint_path", None)
+        if not path or (not path.startswith(("s3://", "file://")) and Path(path).is_file()):
+            return False
+        bucket, key = self.storage.split(path)
+        return bucket == self.storage.bucket and key.startswith(self.checkpoint_key(""))
+
+    def refuse_weights_only_resume(self, weights_only: bool) -> None:
+        """A weights-only checkpoint (epoch-N.pt, best.pt, a finished job's last.pt) fine-tunes a
+        new job; as this job's own CHECKPOINT_PATH it would be a resume, which it cannot be."""
+        if not weights_only or not self.owns_checkpoint_path():
+            return
+        path, last = self.cfg.checkpoint_path, self.checkpoint_key("last.pt")
+        if self.storage.split(path)[1] == last:
+            raise CheckpointError(f"CHECKPOINT_PATH={path}: job {self.job_id} is finished (its "
+                                  "last.pt holds weights only); fine-tune it from a new job")
+        raise CheckpointError(f"CHECKPOINT_PATH={path} holds weights only (no optimizer "
+                              f"state) and cannot resume job {self.job_id}: resume from {last}")
 
     # -- start and end -------------------------------------------------------------------------
     def start(self, run_name: str | None = None) -> None:
@@ -3418,6 +3579,7 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
         job.start()
         result = work(job) or JobResult()
         if job.is_main:
+            job.publish_finished_model()
             job.uploads.flush(timeout=3600)
         outcome, code = "completed", EXIT_OK
     except JobCancelled as exc:

@@ -169,7 +169,7 @@ def test_export_uploads_one_archive_with_the_model_and_its_metadata(
     source = metadata["source_checkpoint"]
     assert source["path"] == t.best_key and source["model_name"] == "tinycnn"
     assert source["sha256"] == hashlib.sha256((t.bucket / t.best_key).read_bytes()).hexdigest()
-    assert source["format"] == f"vision-platform/{t.slug}/1" and source["epoch"] == 1
+    assert source["format"] == f"vision-platform/{t.slug}/2" and source["epoch"] == 1
     assert metadata["trainer"] == t.slug and metadata["job_id"] == f"export-{fmt}"
     assert metadata["framework"] == {"name": "PyTorch", "package": "torch",
                                      "version": importlib.metadata.version("torch")}

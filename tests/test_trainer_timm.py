@@ -208,13 +208,21 @@ def test_training_uploads_self_describing_checkpoints_and_the_report(trained: Tr
     assert REPORT <= bucket_keys(trained.s3, trained.bucket, "artifacts/job-e2e/")
 
     last = read_checkpoint(trained.s3, trained.bucket, "checkpoints/job-e2e/last.pt")
-    assert last["format"] == "vision-platform/timm/1"
+    assert last["format"] == "vision-platform/timm/2"
     assert last["class_names"] == CLASSES and last["model_name"] == "test_resnet"
     assert last["epoch"] == last["epochs"] == EPOCHS
     assert last["data_config"]["input_size"] == [3, 32, 32]
     assert {"mean", "std", "interpolation", "crop_pct"} <= set(last["data_config"])
-    assert {"model", "optimizer", "scheduler", "ema", "versions"} <= set(last)
     assert last["versions"]["timm"] == "1.0.31"
+    # A finished job holds weights only, every file about the size of the weights.
+    sizes = {}
+    for name in ("best.pt", "last.pt", "epoch-1.pt", "epoch-2.pt", "epoch-3.pt"):
+        checkpoint = read_checkpoint(trained.s3, trained.bucket, f"checkpoints/job-e2e/{name}")
+        assert {"model", "class_names", "data_config", "versions", "config"} <= set(checkpoint)
+        assert not {"optimizer", "scheduler", "ema", "scaler"} & set(checkpoint), name
+        sizes[name] = trained.s3.client.head_object(
+            Bucket=trained.bucket, Key=f"checkpoints/job-e2e/{name}")["ContentLength"]
+    assert sum(sizes.values()) / (len(sizes) * sizes["epoch-3.pt"]) <= 1.1, sizes
 
     report = read_json(trained.s3, trained.bucket, "artifacts/job-e2e/results.json")
     best = [v for v in of_job(trained.backend, "validation-results", "e2e") if v["is_best"]][-1]
@@ -284,21 +292,43 @@ def test_torchrun_two_processes_report_once_and_reduce_validation(trained: Train
 def test_resume_restores_optimizer_and_schedule(trained: Trained) -> None:
     trained.check()
     backend = trained.backend
+    # The platform cancels the same job after its first epoch: its last.pt stays resumable.
+    backend.cancel_after("training-metrics", len(backend.bodies("training-metrics")) + 1)
+    partial = run("train.py", trained.job_env("partial", EPOCHS=str(EPOCHS)))
+    assert partial.returncode == 4, partial.stderr[-5000:]
+    done = max(t["epoch"] for t in of_job(backend, "training-metrics", "partial"))
+    assert done < EPOCHS
+    last = read_checkpoint(trained.s3, trained.bucket, "checkpoints/job-partial/last.pt")
+    assert last["epoch"] == done and {"optimizer", "scheduler", "ema"} <= set(last)
+
+    # Its weights-only epoch-1.pt cannot resume it: one line, naming last.pt.
+    refused = run("train.py", trained.job_env(
+        "partial-again", JOB_ID="partial", EPOCHS=str(EPOCHS),
+        CHECKPOINT_PATH="checkpoints/job-partial/epoch-1.pt"))
+    assert refused.returncode == 3, refused.stderr[-5000:]
+    failure = (trained.tmp / "partial-again" / "failure").read_text().strip()
+    assert failure.endswith("cannot resume job partial: resume from "
+                            "checkpoints/job-partial/last.pt")
+
     resumed = run("train.py", trained.job_env(
-        "resumed", EPOCHS=str(EPOCHS), CHECKPOINT_PATH="checkpoints/job-e2e/epoch-1.pt"))
+        "resumed", EPOCHS=str(EPOCHS), CHECKPOINT_PATH="checkpoints/job-partial/last.pt"))
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert "resuming after epoch 1 of 3" in resumed.stderr
+    assert f"resuming after epoch {done} of 3" in resumed.stderr
     training = of_job(backend, "training-metrics", "resumed")
-    assert [t["epoch"] for t in training] == [2, 3]
-    assert [v["epoch"] for v in of_job(backend, "validation-results", "resumed")] == [2, 3]
+    later = list(range(done + 1, EPOCHS + 1))
+    assert [t["epoch"] for t in training] == later
+    assert [v["epoch"] for v in of_job(backend, "validation-results", "resumed")] == later
 
     # The learning rate continues the original schedule (warmup, then cosine to zero)...
-    original = [t for t in of_job(backend, "training-metrics", "e2e") if t["epoch"] > 1]
+    original = [t for t in of_job(backend, "training-metrics", "e2e") if t["epoch"] > done]
     assert [t["learning_rate"] for t in training] == pytest.approx(
         [t["learning_rate"] for t in original], rel=1e-9, abs=1e-12)
-    assert training[0]["learning_rate"] > 0
-    # ... and AdamW continues counting its steps: its state came back with it.
-    steps = {job: read_checkpoint(trained.s3, trained.bucket, f"checkpoints/job-{job}/last.pt")[
+    assert training[0]["learning_rate"] > 0 or done == EPOCHS - 1  # cosine ends at zero
+    # ... and AdamW continues counting its steps: its state came back with it (the local
+    # last.pt: a finished job's last.pt in the bucket holds weights only).
+    import torch
+
+    steps = {job: torch.load(trained.tmp / job / "checkpoints" / "last.pt", weights_only=True)[
         "optimizer"]["state"][0]["step"].item() for job in ("e2e", "resumed")}
     assert steps["resumed"] == steps["e2e"] > 0
 

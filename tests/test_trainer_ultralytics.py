@@ -108,6 +108,13 @@ def trained(s3_server: S3Server, mlflow_server: MlflowServer,
     backend.close()
 
 
+def read_checkpoint(trained: Trained, key: str) -> dict:
+    import torch
+
+    data = trained.s3.client.get_object(Bucket=trained.bucket, Key=key)["Body"].read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
 def check_trained(trained: Trained) -> None:
     assert trained.result.returncode == 0, trained.result.stderr[-5000:]
 
@@ -154,6 +161,15 @@ def test_training_uploads_checkpoints_and_artifacts(trained: Trained) -> None:
     check_trained(trained)
     checkpoints = bucket_keys(trained.s3, trained.bucket, "checkpoints/job-e2e/")
     assert checkpoints == {"best.pt", "last.pt", "epoch-2.pt"}
+    # A finished job holds weights only (Ultralytics' strip_optimizer: EMA weights in FP16).
+    sizes = {}
+    for name in checkpoints:
+        checkpoint = read_checkpoint(trained, f"checkpoints/job-e2e/{name}")
+        assert checkpoint["optimizer"] is None and checkpoint["epoch"] == -1, name
+        assert checkpoint["model"].names and checkpoint["train_args"]["epochs"] == 2
+        sizes[name] = trained.s3.client.head_object(
+            Bucket=trained.bucket, Key=f"checkpoints/job-e2e/{name}")["ContentLength"]
+    assert sum(sizes.values()) / (len(sizes) * sizes["epoch-2.pt"]) <= 1.1, sizes
     artifacts = bucket_keys(trained.s3, trained.bucket, "artifacts/job-e2e/")
     assert {"results.csv", "results.png", "results.json", "args.yaml", "confusion_matrix.png",
             "confusion_matrix_normalized.png", "BoxPR_curve.png", "BoxF1_curve.png"} <= artifacts
@@ -215,6 +231,18 @@ def test_resume_after_a_kill_continues_at_the_next_epoch(trained: Trained) -> No
     assert statuses(backend, "killed")[-1] == "cancelled"
     done = max(t["epoch"] for t in of_job(backend, "training-metrics", "killed"))
     assert done < 3, "the job finished before it could be killed"
+    last = read_checkpoint(trained, "checkpoints/job-killed/last.pt")
+    assert last["optimizer"] is not None and last["epoch"] == done - 1  # Ultralytics: 0-based
+
+    # The same job pointed at its weights-only epoch-1.pt: refused in one line naming last.pt.
+    refused = run("train.py", guarded(trained.job_env(
+        "killed-again", JOB_ID="killed", EPOCHS="3",
+        CHECKPOINT_PATH="checkpoints/job-killed/epoch-1.pt"), log))
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    failure = (trained.tmp / "killed-again" / "failure").read_text().strip()
+    assert failure == ("CHECKPOINT_PATH=checkpoints/job-killed/epoch-1.pt holds weights only (no "
+                       "optimizer state) and cannot resume job killed: resume from "
+                       "checkpoints/job-killed/last.pt")
 
     resumed = run("train.py", guarded(trained.job_env(
         "resumed", EPOCHS="3", CHECKPOINT_PATH="checkpoints/job-killed/last.pt"), log))

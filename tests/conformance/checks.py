@@ -3,7 +3,6 @@ every failure and records the scenario's rows in the report."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 from collections.abc import Iterator
@@ -110,6 +109,11 @@ def check_completed(sc: Scenario, result: RunResult, *, epochs: int = EPOCHS,
     journal = f"artifacts/job-{result.job_id}/callbacks.jsonl"
     missing += [journal] if journal not in keys else []
     sc.check(not missing, f"{result.scenario}: not in the bucket: {', '.join(missing)}", result)
+    if not missing:  # a completed job is never resumed: last.pt is its final weights-only file
+        final = sc.subject.get(prefix + f"epoch-{epochs}.pt")
+        sc.check(sc.subject.get(prefix + "last.pt") == final, f"{result.scenario}: the "
+                 f"completed job's last.pt differs from its epoch-{epochs}.pt (weights only)",
+                 result)
     sc.check(not (result.work_dir / "failure").exists(),
              f"{result.scenario}: a `failure` file after a completed job")
     sc.check((result.run_dir / "termination-log").read_text() == "",
@@ -185,18 +189,14 @@ def check_mlflow_run(sc: Scenario, result: RunResult, status: str) -> None:
 
 
 def last_uploaded_epoch(sc: Scenario, job_id: str) -> int | None:
-    """The epoch whose `epoch-N.pt` is byte-identical to the bucket's `last.pt`.
+    """The epoch of the bucket's `last.pt`, by the `epoch` the contract tags it with
+    (x-amz-meta-epoch), provided that epoch's `epoch-N.pt` is in the bucket too: the contract
+    uploads it first, so a `last.pt` whose epoch-N.pt is missing breaks the key order.
 
-    Bytes, not ETags: a server-side copy need not carry its source's ETag (S3 gives a copy made
-    by CopyObject a single-part ETag whatever the source's), and trainers copy last.pt."""
+    Not bytes: mid-run, `last.pt` is the resumable checkpoint and `epoch-N.pt` its weights-only
+    form (docs/checkpoints.md), so the two differ."""
     prefix = f"checkpoints/job-{job_id}/"
-    keys = sc.subject.keys(prefix)
-    if prefix + "last.pt" not in keys:
+    epoch = sc.subject.metadata(prefix + "last.pt").get("epoch")
+    if epoch is None or not epoch.isdigit():
         return None
-    last = hashlib.sha256(sc.subject.get(prefix + "last.pt")).digest()
-    for key in keys:
-        name = key[len(prefix):]
-        if (name.startswith("epoch-") and name.endswith(".pt")
-                and hashlib.sha256(sc.subject.get(key)).digest() == last):
-            return int(name[len("epoch-"):-len(".pt")])
-    return None
+    return int(epoch) if prefix + f"epoch-{epoch}.pt" in sc.subject.keys(prefix) else None

@@ -367,6 +367,12 @@ class Subject:
             return self.s3.client.head_object(Bucket=self.bucket, Key=key)["ETag"].strip('"')
         return None
 
+    def metadata(self, key: str) -> dict[str, str]:
+        """An object's user metadata (x-amz-meta-*); {} when there is no such object."""
+        with contextlib.suppress(Exception):
+            return self.s3.client.head_object(Bucket=self.bucket, Key=key)["Metadata"]
+        return {}
+
     def job_keys(self, job_id: str) -> list[str]:
         return self.keys(f"checkpoints/job-{job_id}/") + self.keys(f"artifacts/job-{job_id}/")
 

@@ -3,11 +3,14 @@
     python tools/benchmarks/checkpoint_probe.py --bench-checkpoint-mb 25 --epochs 6
 
 A real job (template/utils.py's `run_job`, wired by the environment to storage, the backend and
-MLflow) saves a checkpoint of the given size each epoch and times two things, in alternating
-order: *ours* -- an atomic `torch.save` (utils.atomic_path) plus `Job.end_epoch`, which snapshots
-and queues last/epoch-N/best uploads and reports the epoch; *baseline* -- a plain `torch.save` of
-the same state to a local file. Between checkpoints it computes for BENCH_TRAIN_S seconds, as
-training would, while the uploads run in the background. Prints one JSON line with both lists.
+MLflow) saves a checkpoint of the given size each epoch -- weights plus AdamW's two moments, a third
+each -- and times two things, in alternating order: *ours* -- an atomic `torch.save`
+(utils.atomic_path) plus `Job.end_epoch`, which snapshots and queues the last/epoch-N/best uploads
+(the weights-only form of epoch-N and best made by the upload worker) and reports the epoch;
+*baseline* -- a plain `torch.save` of the same state to a local file. Between checkpoints it
+computes for BENCH_TRAIN_S seconds, as training would, while the uploads run in the background.
+BENCH_WEIGHTS_FORM=false publishes as before weights-only checkpoints (the one checkpoint under
+every key). Prints one JSON line: both lists, and the bytes the uploads sent.
 """
 
 from __future__ import annotations
@@ -25,20 +28,45 @@ SETTINGS = utils.merge_settings(
     utils.with_defaults(utils.TRAIN_SETTINGS, DATASET_ID="unused", EPOCHS=6),
     (utils.Setting("BENCH_CHECKPOINT_MB", "int", 25, "Checkpoint size in MB.", minimum=1),
      utils.Setting("BENCH_TRAIN_S", "float", 1.0, "Compute between checkpoints, seconds.",
-                   minimum=0)),
+                   minimum=0),
+     utils.Setting("BENCH_WEIGHTS_FORM", "bool", True, "Publish weights-only epoch-N/best.")),
 )
 
 
 def make_state(megabytes: int):
-    """A state dict shaped like a model's plus its optimizer's: many tensors of mixed sizes."""
+    """A state dict shaped like a model's plus its optimizer's: many tensors of mixed sizes,
+    the weights a third of the bytes and AdamW's two moments the rest."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     sizes = [4096 * (1 + i % 16) for i in range(256)]  # float32 elements per tensor
-    scale = megabytes * 2**20 / 4 / sum(sizes)
+    scale = megabytes * 2**20 / 4 / sum(sizes) / 3
     tensors = {f"layer{i}.weight": torch.randn(max(int(n * scale), 1), generator=generator)
                for i, n in enumerate(sizes)}
-    return {"model": tensors, "epoch": 0, "config": {"model_name": "bench"}}
+    moments = {i: {"exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
+               for i, t in enumerate(tensors.values())}
+    return {"model": tensors, "optimizer": {"state": moments}, "epoch": 0,
+            "config": {"model_name": "bench"}}
+
+
+def weights_only(source: Path, dest: Path) -> None:
+    import torch
+
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer"}, dest)
+
+
+def count_uploaded_bytes() -> list[int]:
+    """Instrument Storage.upload: the sizes of the files it sends (server-side copies send none)."""
+    sent: list[int] = []
+    upload = utils.Storage.upload
+
+    def counting(self, local_path, path, **kwargs):
+        sent.append(Path(local_path).stat().st_size)
+        return upload(self, local_path, path, **kwargs)
+
+    utils.Storage.upload = counting
+    return sent
 
 
 def compute_for(seconds: float) -> None:
@@ -58,6 +86,8 @@ def work(job: utils.Job) -> utils.JobResult:
     ours: list[float] = []
     baseline: list[float] = []
     epochs = job.cfg.epochs
+    sent = count_uploaded_bytes()
+    weights = weights_only if job.cfg.bench_weights_form else None
 
     def save_ours(epoch: int) -> None:
         import torch
@@ -69,7 +99,7 @@ def work(job: utils.Job) -> utils.JobResult:
             task_type="image_classification", metrics={"accuracy": 0.5},
             primary_metric_name="accuracy", primary_metric_value=0.5, overall_loss=1.0)
         job.end_epoch(epoch, epochs, utils.TrainingMetrics(loss=1.0, accuracy=0.5), result,
-                      checkpoint=ours_path, is_best=True)
+                      checkpoint=ours_path, is_best=True, weights=weights)
         ours.append(time.perf_counter() - started)
 
     def save_plain(epoch: int) -> None:
@@ -85,8 +115,9 @@ def work(job: utils.Job) -> utils.JobResult:
         steps = (save_ours, save_plain) if epoch % 2 else (save_plain, save_ours)
         for step in steps:
             step(epoch)
-    print(json.dumps({"ours": ours, "baseline": baseline,
-                      "megabytes": job.cfg.bench_checkpoint_mb}))
+    job.uploads.flush(timeout=3600)  # every epoch's uploads, before the completed job's copy
+    print(json.dumps({"ours": ours, "baseline": baseline, "epochs": epochs,
+                      "uploaded_bytes": sum(sent), "megabytes": job.cfg.bench_checkpoint_mb}))
     return utils.JobResult()
 
 

@@ -66,6 +66,28 @@ def epoch_seconds(ends: list[float]) -> float:
     return median(lengths)
 
 
+def checkpoint_footprint(bench: Bench, work: Path, label: str, epochs: int) -> Row:
+    """A finished job's checkpoints in the bucket against that many weights-only files."""
+    prefix = f"checkpoints/job-{work.name}/"
+    pages = bench.s3.client.get_paginator("list_objects_v2").paginate(
+        Bucket=bench.s3.bucket, Prefix=prefix)
+    sizes = {o["Key"][len(prefix):]: o["Size"] for page in pages for o in page.get("Contents", [])}
+    weights = sizes.get(f"epoch-{epochs}.pt")
+    resumable = work / "checkpoints" / "last.pt"  # the job's local, resumable last.pt
+    if not weights or not resumable.is_file():
+        raise BenchError(f"{label}: no epoch-{epochs}.pt in the bucket or no local last.pt")
+    full = resumable.stat().st_size
+    total, bound = sum(sizes.values()), len(sizes) * weights
+    ratio = total / bound
+    return Row(f"finished job's checkpoint bytes: {label}", f"{total / 2**20:.1f} MB",
+               f"{bound / 2**20:.1f} MB", f"{ratio:.2f}", "≤ 1.1", ratio <= 1.1,
+               f"{len(sizes)} files after {epochs} epochs (CHECKPOINT_EVERY=1) against as many "
+               f"weights-only files ({weights / 2**20:.1f} MB each). The resumable last.pt "
+               f"uploaded every epoch is {full / 2**20:.1f} MB ({full / weights:.1f} x the "
+               "weights): what every epoch-N.pt was before. Bytes uploaded per epoch, last.pt "
+               f"and epoch-N.pt against last.pt alone before: {(full + weights) / full:.2f} x.")
+
+
 # -- YOLO ------------------------------------------------------------------------------------
 
 def yolo_epoch_time(bench: Bench) -> list[Row]:
@@ -84,12 +106,15 @@ def yolo_epoch_time(bench: Bench) -> list[Row]:
                 "CACHE_DIR": str(cache)}
     ours: list[float] = []
     baseline: list[float] = []
+    footprint: list[Row] = []
 
     def run_ours() -> None:
         work = bench.folder("yolo-ours")
         bench.run([sys.executable, "train.py"], env=bench.job_env(work, **settings),
                   cwd=trainer, what="ultralytics train.py")
         ours.append(epoch_seconds(epoch_end_times(work)))
+        if not footprint:
+            footprint.append(checkpoint_footprint(bench, work, "YOLO", size.yolo_epochs))
         if not args_yaml.exists():  # the baseline repeats exactly these arguments
             used = yaml.safe_load((work / "ultralytics" / "train" / "args.yaml").read_text())
             shutil.copyfile(used["data"], folder / "data.yaml")
@@ -114,7 +139,7 @@ def yolo_epoch_time(bench: Bench) -> list[Row]:
                 f"{size.yolo_epochs} epochs, CPU. Ours: trainers/ultralytics with the S3 "
                 "server (dataset, last/epoch-N/best uploads every epoch), backend callbacks and "
                 "the MLflow server live; baseline: `YOLO(...).train(...)` with the same "
-                "arguments (its args.yaml). Median epoch, first epoch excluded.")]
+                "arguments (its args.yaml). Median epoch, first epoch excluded.")] + footprint
 
 
 # -- timm ------------------------------------------------------------------------------------
@@ -136,12 +161,16 @@ def timm_throughput(bench: Bench) -> list[Row]:
                 "IMAGE_SIZE": str(image_size), "CACHE_DIR": str(folder / "cache")}
     ours: list[float] = []
     baseline: list[float] = []
+    footprint: list[Row] = []
 
     def run_ours() -> None:
         work = bench.folder("timm-ours")
         bench.run([sys.executable, "train.py"], env=bench.job_env(work, **settings),
                   cwd=TRAINERS / "timm", what="timm train.py")
         ours.append(train_images / epoch_seconds(epoch_end_times(work)))
+        if not footprint:
+            footprint.append(checkpoint_footprint(bench, work, f"timm {model}",
+                                                  size.timm_epochs))
         remove(work)
 
     def run_bare() -> None:
@@ -163,4 +192,5 @@ def timm_throughput(bench: Bench) -> list[Row]:
                 f"batch {batch}, {size.timm_epochs} epochs, CPU; training images per second of "
                 "epoch (train + validate + checkpoint), first epoch excluded. Ours: "
                 "trainers/timm with S3, backend and MLflow live; baseline: a plain loop of "
-                "timm's parts with the trainer's recipe (tools/benchmarks/bare_timm.py).")]
+                "timm's parts with the trainer's recipe (tools/benchmarks/bare_timm.py).")] + (
+                    footprint)

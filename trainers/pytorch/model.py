@@ -3,6 +3,11 @@
 FRAMEWORK: replace `TinyCNN` / `create_model` with your framework's model factory. Keep the
 checkpoint self-describing: predict.py and evaluate.py read the class names, image size and
 normalisation from it and never guess.
+
+Two forms of one checkpoint (docs/checkpoints.md): the resumable `last.pt` (everything, optimizer
+and schedule included) and the weights-only form of `epoch-N.pt`, `best.pt` and a finished job's
+`last.pt` (`weights_only`: the same description, no training state), which the contract's upload
+worker makes from a snapshot of `last.pt`, off the training loop.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from torch import nn
 
 import utils
 
-CHECKPOINT_FORMAT = "vision-platform/pytorch/1"
+CHECKPOINT_FORMAT = "vision-platform/pytorch/2"
+# Format 1 (every file resumable, before weights-only checkpoints) reads the same way.
+READABLE_FORMATS = (CHECKPOINT_FORMAT, "vision-platform/pytorch/1")
+TRAINING_STATE = ("optimizer", "scheduler", "best_value")  # what the weights-only form leaves out
 
 
 class TinyCNN(nn.Module):
@@ -80,12 +88,24 @@ def save_checkpoint(path: Path, **state: Any) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
 
 
+def weights_only(source: Path, dest: Path) -> None:
+    """Write the weights-only form of the checkpoint `source` to `dest`: what evaluate, predict,
+    export and fine-tuning read, without the optimizer and schedule a resume needs. Memory-mapped:
+    only the tensors kept are read."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    torch.save({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, dest)
+
+
+def is_weights_only(checkpoint: dict[str, Any]) -> bool:
+    return checkpoint.get("optimizer") is None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     # Weights and plain containers only: any checkpoint, trusted or not, loads without running
     # code (the contract's rule; this format needs nothing more).
     checkpoint = utils.load_torch_checkpoint(path)
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found != CHECKPOINT_FORMAT:
+    if found not in READABLE_FORMATS:
         raise utils.CheckpointError(f"{path.name} is not a {CHECKPOINT_FORMAT} checkpoint "
                                     f"(format: {found or 'unknown, another framework'})")
     return checkpoint

@@ -2,8 +2,9 @@
 
 The platform runs this as a job configured by environment variables (see --help; a flag wins
 over its variable). It stages datasets/{DATASET_ID}.zip, trains, reports every epoch to the
-backend and MLflow, uploads checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt and ends with a
-`completed`, `failed` or `cancelled` status.
+backend and MLflow, uploads checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt (last.pt resumable;
+the others, and a finished job's last.pt, weights only) and ends with a `completed`, `failed` or
+`cancelled` status.
 
 FRAMEWORK: the template trains a tiny CNN (model.py) on image folders (data.py). Replace
 `train_one_epoch`, `validate` and the model/data factories with your framework's code; keep
@@ -54,6 +55,7 @@ def train(job: utils.Job) -> utils.JobResult:
         load_checkpoint,
         resolve_device,
         save_checkpoint,
+        weights_only,
     )
 
     cfg = job.cfg
@@ -83,7 +85,7 @@ def train(job: utils.Job) -> utils.JobResult:
 
     start_epoch, best_value = 1, -math.inf
     if checkpoint is not None:
-        start_epoch, best_value = restore(checkpoint, model, optimizer, scheduler,
+        start_epoch, best_value = restore(job, checkpoint, model, optimizer, scheduler,
                                           splits.class_names)
 
     out_dir = job.work_dir / "checkpoints"
@@ -113,22 +115,27 @@ def train(job: utils.Job) -> utils.JobResult:
         training.learning_rate = optimizer.param_groups[0]["lr"]
         training.extra_metrics["throughput_img_s"] = round(
             len(splits.train) / max(time.monotonic() - started, 1e-9), 1)
+        # last.pt as it is; epoch-N.pt and best.pt as its weights-only form, made by the upload.
         job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=last_path,
-                      is_best=is_best)
+                      is_best=is_best, weights=weights_only)
         log_epoch(epoch, cfg.epochs, training, result)
 
     return finish(job, best_result, best_path)
 
 
-def restore(checkpoint: dict[str, Any], model, optimizer, scheduler,
+def restore(job: utils.Job, checkpoint: dict[str, Any], model, optimizer, scheduler,
             class_names: list[str]) -> tuple[int, float]:
-    """Resume an interrupted job (epoch < its total) or fine-tune from a finished model."""
+    """Resume an interrupted job (a resumable last.pt, epoch < its total) or fine-tune from a
+    finished model (any weights-only checkpoint: epoch-N.pt, best.pt, a finished last.pt)."""
+    from model import is_weights_only
+
+    job.refuse_weights_only_resume(is_weights_only(checkpoint))
     if checkpoint["class_names"] != class_names:
         raise utils.CheckpointError(
             f"checkpoint classes {checkpoint['class_names']} differ from the dataset's "
             f"{class_names}")
     model.load_state_dict(checkpoint["model"])
-    if checkpoint["epoch"] < checkpoint["epochs"]:
+    if not is_weights_only(checkpoint) and checkpoint["epoch"] < checkpoint["epochs"]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         log.info("resuming after epoch %d", checkpoint["epoch"])

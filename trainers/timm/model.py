@@ -3,6 +3,10 @@
 A checkpoint holds everything evaluate.py and predict.py need to rebuild the model and its
 preprocessing (architecture, keyword arguments, class names, resolved data config), and
 everything train.py needs to resume (optimizer, scheduler, EMA, AMP scaler, epoch, update count).
+That resumable form is `last.pt`; `epoch-N.pt`, `best.pt` and a finished job's `last.pt` are the
+weights-only form (`save_weights`): the inference weights (the EMA's when the run keeps one) and
+the same description, no training state (docs/checkpoints.md), which the contract's upload worker
+makes from a snapshot of `last.pt`, off the training loop.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import utils
 
 log = logging.getLogger(f"trainer.{__name__}")
 
-CHECKPOINT_FORMAT = "vision-platform/timm/1"
+CHECKPOINT_FORMAT = "vision-platform/timm/2"
+# Format 1 (every file resumable, before weights-only checkpoints) reads the same way.
+READABLE_FORMATS = (CHECKPOINT_FORMAT, "vision-platform/timm/1")
+TRAINING_STATE = ("model", "ema", "optimizer", "scheduler", "scaler", "best_value")
 
 # create_model keywords the trainer sets itself: EXTRA_ARGS may not override them.
 RESERVED_MODEL_ARGS = {
@@ -139,12 +146,25 @@ def save_checkpoint(path: Path, **state: Any) -> None:
                     **state}, tmp)
 
 
+def weights_only(source: Path, dest: Path) -> None:
+    """Write the weights-only form of the checkpoint `source` to `dest`: its inference weights
+    as `model`, without the optimizer, schedule, scaler and training weights a resume needs.
+    Memory-mapped: only the tensors kept are read (this runs beside training)."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    torch.save({"model": inference_weights(checkpoint),
+                **{k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}}, dest)
+
+
+def is_weights_only(checkpoint: dict[str, Any]) -> bool:
+    return checkpoint.get("optimizer") is None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     # Weights and plain containers only: any checkpoint, trusted or not, loads without running
     # code (the contract's rule; this format needs nothing more).
     checkpoint = utils.load_torch_checkpoint(path)
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found != CHECKPOINT_FORMAT:
+    if found not in READABLE_FORMATS:
         raise utils.CheckpointError(f"{path.name} is not a {CHECKPOINT_FORMAT} checkpoint "
                                     f"(format: {found or 'unknown, another framework'})")
     return checkpoint

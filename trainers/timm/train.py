@@ -126,6 +126,7 @@ def check_settings(cfg) -> dict[str, Any]:
 def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
     """Train the remaining epochs; returns the best epoch (None when nothing was trained)."""
     from engine import train_one_epoch, validate
+    from model import weights_only
 
     cfg = job.cfg
     out_dir = job.work_dir / "checkpoints"
@@ -154,8 +155,10 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
             log_epoch(epoch, cfg.epochs, training, result)
         stop = None
         try:
+            # last.pt as it is; epoch-N.pt and best.pt as its weights-only form, made by the
+            # upload worker from a snapshot (the EMA's weights, no optimizer).
             job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=checkpoint,
-                          is_best=is_best)
+                          is_best=is_best, weights=weights_only)
         except utils.JobCancelled as exc:  # rank 0 heard {"cancel": true}: every rank stops
             stop = exc
         if dist.from_main(stop is not None):

@@ -37,6 +37,7 @@ from model import (
     architecture,
     create_model,
     inference_weights,
+    is_weights_only,
     load_checkpoint,
     load_weights,
     same_architecture,
@@ -152,6 +153,7 @@ def starting_point(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any]) -> 
     if not cfg.checkpoint_path:
         return Start(cfg.model_name, model_kwargs)
     checkpoint = load_checkpoint(dist.local_first(job.fetch_checkpoint, share=True))
+    job.refuse_weights_only_resume(is_weights_only(checkpoint))
     resume = resumes(checkpoint, cfg.checkpoint_path)
     if resume and checkpoint["epoch"] >= cfg.epochs:
         raise utils.ConfigError(f"EPOCHS={cfg.epochs} leaves nothing to resume: the "
@@ -162,10 +164,10 @@ def starting_point(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any]) -> 
 
 
 def resumes(checkpoint: dict[str, Any], checkpoint_path: str) -> bool:
-    """Resume an interrupted run (its last.pt, or an epoch-N.pt before its final epoch);
-    fine-tune from a finished model: a final-epoch checkpoint, or any best.pt (by name a
-    finished model, though its content is some epoch's state)."""
-    return (checkpoint["epoch"] < checkpoint["epochs"]
+    """Resume an interrupted run from its resumable last.pt (or a format-1 epoch-N.pt before
+    its final epoch); fine-tune from a finished model: any weights-only checkpoint, a
+    final-epoch one, or any best.pt (by name a finished model)."""
+    return (not is_weights_only(checkpoint) and checkpoint["epoch"] < checkpoint["epochs"]
             and PurePosixPath(checkpoint_path).name != "best.pt")
 
 

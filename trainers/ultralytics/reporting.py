@@ -6,6 +6,11 @@ mask mAP for segmentation and top-1 with top-5 for classification). `EpochReport
 Ultralytics callbacks that hand each trained epoch to `job.end_epoch` exactly once: Ultralytics
 fires `on_fit_epoch_end` once more after the last epoch, for its final validation of best.pt; that
 call has no training epoch before it, so it is kept as the final result instead of being sent.
+
+What the platform keeps (docs/checkpoints.md) is a copy of each epoch's resumable last.pt and, for
+epoch-N.pt and best.pt, that copy stripped by Ultralytics' own `strip_optimizer` (the EMA weights in
+FP16, no optimizer: what Ultralytics itself leaves when training ends), which the contract's upload
+worker makes from a snapshot. Ultralytics' files in its save_dir are its working files.
 """
 
 from __future__ import annotations
@@ -96,7 +101,8 @@ class EpochReporter:
         checkpoint = self._snapshot(Path(trainer.last))
         training = metric_names.training_metrics(trainer)
         self.job.end_epoch(epoch, trainer.epochs, training, result, checkpoint=checkpoint,
-                           is_best=is_best, epoch_time_s=trainer.epoch_time)
+                           is_best=is_best, epoch_time_s=trainer.epoch_time,
+                           weights=strip_to_weights)
         self.last = result
         self.epochs_reported.append(epoch)
         if is_best:
@@ -113,6 +119,14 @@ class EpochReporter:
         with utils.atomic_path(self.checkpoint) as tmp:
             shutil.copyfile(last, tmp)
         return self.checkpoint
+
+
+def strip_to_weights(source: Path, dest: Path) -> None:
+    """The weights-only form of an Ultralytics checkpoint, by Ultralytics' own strip_optimizer."""
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    if not strip_optimizer(source, str(dest)):
+        raise utils.CheckpointError(f"Ultralytics could not strip {source.name}")
 
 
 def class_names_of(trainer: Any) -> list[str]:

@@ -147,6 +147,7 @@ def choose_start(job: utils.Job, spec, weights_dir: Path) -> Start:
     info = model.inspect_checkpoint(path)
     utils.check_checkpoint_model(cfg, info.model_name,
                                  lambda wanted, held: model.same_model(wanted, held, info.task))
+    job.refuse_weights_only_resume(not info.resumable)
     if cfg.task_type and model.TASKS.get(cfg.task_type) != info.task:
         raise utils.ConfigError(f"TASK_TYPE={cfg.task_type} but CHECKPOINT_PATH holds a "
                                 f"{info.task_type} model")
@@ -177,21 +178,16 @@ def restore_results_csv(columns: dict[str, list], csv_path: Path) -> None:
 
 
 def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
-    """Upload the finished best/last models and the run's plots; the job's final metrics."""
+    """Upload the run's plots and results; the job's final metrics.
+
+    The checkpoints were published epoch by epoch (`job.end_epoch`), and the contract makes
+    last.pt weights-only when the job completes: Ultralytics' own stripped best.pt/last.pt in
+    its save_dir are the same weights and are not uploaded again.
+    """
     if not job.is_main:
         return utils.JobResult()
     save_dir = Path(trainer.save_dir)
     best, last = Path(trainer.best), Path(trainer.last)
-    # Ultralytics stripped both after training (no optimizer, epoch -1): finished models, which
-    # CHECKPOINT_PATH fine-tunes rather than resumes. They replace the mid-run uploads, the
-    # final epoch's epoch-N.pt included: `last` stays that epoch's checkpoint, byte for byte.
-    if best.is_file():
-        job.best_checkpoint_uri = job.upload(best, job.checkpoint_key("best.pt"), background=True)
-    if last.is_file():
-        keys = [job.checkpoint_key("last.pt")]
-        if reporter.epochs_reported:  # epoch-N first, last.pt a server-side copy (as end_epoch)
-            keys.insert(0, job.checkpoint_key(f"epoch-{reporter.epochs_reported[-1]}.pt"))
-        job.upload(last, keys[0], background=True, copies=keys[1:])
     kept = keep_finished_models(job.work_dir / "checkpoints", best, last)
     final = reporter.final or reporter.last
     metrics = dict(final.metrics) if final else {}
