@@ -237,7 +237,7 @@ def test_one_mlflow_run_per_job_with_params_metrics_and_artifacts(trained: Train
     assert run_.data.tags["framework"] == "timm"
     assert "MINIO_SECRET_KEY" not in run_.data.params
     client = MlflowClient(trained.mlflow.uri)
-    for metric in ("val/accuracy", "val/f1_score", "train/loss", "train/throughput_img_s"):
+    for metric in ("val_accuracy", "val_f1_score", "train_loss", "train_throughput_img_s"):
         history = client.get_metric_history(run_.info.run_id, metric)
         assert sorted(m.step for m in history) == [1, 2, 3], metric
     assert REPORT <= {a.path for a in client.list_artifacts(run_.info.run_id)}

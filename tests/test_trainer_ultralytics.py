@@ -178,7 +178,7 @@ def test_one_mlflow_run_per_job_with_params_metrics_and_artifacts(trained: Train
     assert run_.info.run_name == "job-e2e" and run_.info.status == "FINISHED"
     assert run_.data.params["EPOCHS"] == "2" and run_.data.tags["framework"] == "ultralytics"
     client = MlflowClient(trained.mlflow.uri)
-    history = client.get_metric_history(run_.info.run_id, "val/mAP_0.5_0.95")
+    history = client.get_metric_history(run_.info.run_id, "val_mAP_0.5_0.95")
     assert sorted(m.step for m in history) == [1, 2]
     logged = {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert {"results.csv", "results.png", "confusion_matrix.png", "args.yaml"} <= logged

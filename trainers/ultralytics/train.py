@@ -202,7 +202,7 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
             "epochs": reporter.epochs_reported, "best_checkpoint": job.best_checkpoint_uri,
         }, indent=2, ensure_ascii=False), encoding="utf-8")
         step = reporter.epochs_reported[-1] if reporter.epochs_reported else None
-        job.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=step)
+        job.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=step)
     artifacts = sorted({p for pattern in ARTIFACTS for p in save_dir.glob(pattern)})
     job.upload_artifacts(artifacts)
     print(f"best checkpoint: {kept.get('best.pt', '-')} ({job.best_checkpoint_uri})")
