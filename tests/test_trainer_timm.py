@@ -215,6 +215,8 @@ def test_training_uploads_self_describing_checkpoints_and_the_report(trained: Tr
     assert {"mean", "std", "interpolation", "crop_pct"} <= set(last["data_config"])
     assert {"model", "optimizer", "scheduler", "ema", "versions"} <= set(last)
     assert last["versions"]["timm"] == "1.0.31"
+    assert last["provenance"]["framework_version"] == "1.0.31"
+    assert last["provenance"]["dataset_etag"]
 
     report = read_json(trained.s3, trained.bucket, "artifacts/job-e2e/results.json")
     best = [v for v in of_job(trained.backend, "validation-results", "e2e") if v["is_best"]][-1]
@@ -235,6 +237,8 @@ def test_one_mlflow_run_per_job_with_params_metrics_and_artifacts(trained: Train
     assert run_.data.params["EPOCHS"] == str(EPOCHS)
     assert run_.data.params["MODEL_NAME"] == "test_resnet"
     assert run_.data.tags["framework"] == "timm"
+    assert run_.data.tags["dataset_etag"] == read_checkpoint(
+        trained.s3, trained.bucket, "checkpoints/job-e2e/best.pt")["provenance"]["dataset_etag"]
     assert "MINIO_SECRET_KEY" not in run_.data.params
     client = MlflowClient(trained.mlflow.uri)
     for metric in ("val_accuracy", "val_f1_score", "train_loss", "train_throughput_img_s"):

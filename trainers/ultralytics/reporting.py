@@ -11,7 +11,6 @@ call has no training epoch before it, so it is kept as the final result instead 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +102,14 @@ class EpochReporter:
                        result.primary_metric_value, " (best)" if is_best else "")
 
     def _snapshot(self, last: Path) -> Path | None:
-        """A copy of Ultralytics' last.pt, replaced atomically: Ultralytics rewrites its own file
-        in place every epoch, which the background upload's hard-link snapshot cannot survive."""
+        """A copy of Ultralytics' last.pt with the job's provenance, replaced atomically:
+        Ultralytics rewrites its own file in place every epoch, which the background upload's
+        hard-link snapshot cannot survive."""
         if not last.is_file():
             return None
-        with utils.atomic_path(self.checkpoint) as tmp:
-            shutil.copyfile(last, tmp)
-        return self.checkpoint
+        from model import write_with_provenance
+
+        return write_with_provenance(last, self.checkpoint, self.job.provenance())
 
 
 def class_names_of(trainer: Any) -> list[str]:

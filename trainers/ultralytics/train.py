@@ -181,6 +181,11 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
     # Ultralytics stripped both after training (no optimizer, epoch -1): finished models, which
     # CHECKPOINT_PATH fine-tunes rather than resumes. They replace the mid-run uploads, the
     # final epoch's epoch-N.pt included: `last` stays that epoch's checkpoint, byte for byte.
+    from model import write_with_provenance
+
+    for model_file in (best, last):
+        if model_file.is_file():
+            write_with_provenance(model_file, model_file, job.provenance())
     if best.is_file():
         job.best_checkpoint_uri = job.upload(best, job.checkpoint_key("best.pt"), background=True)
     if last.is_file():
