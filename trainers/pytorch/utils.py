@@ -364,6 +364,8 @@ OUTSIDE_ENV: dict[str, str] = {
     "YOLO_CONFIG_DIR": "Ultralytics: its settings folder, which the Ultralytics trainer points "
                        "at the job's work dir before importing it (read back to catch an "
                        "import that came first).",
+    "TRAINER_REVISION": "The image's build: the git commit the trainer was built from (the "
+                        "images workflow's REVISION build arg), recorded as provenance.",
 }
 
 
@@ -2718,8 +2720,6 @@ _NOISY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alemb
 # once, in words (a dead MLflow server must cost one warning, not one per request).
 _QUIET_LOGGERS = ("urllib3",)
 FAILURE_NAME = "failure"  # the failed attempt's reason, one line, in the work dir
-# The trainer's source revision, baked into the image by its build (Dockerfile ARG REVISION).
-SOURCE_REVISION_ENV = "TRAINER_REVISION"
 FRAMEWORK_PACKAGES = {"pytorch": "torch"}  # a framework named otherwise than its package
 
 
@@ -2816,7 +2816,7 @@ class Job:
         self._epoch_started = time.monotonic()
         self._epoch_times: list[float] = []
         self.dataset_etag: str | None = None  # of the staged dataset: provenance
-        self.source_revision = environ.get(SOURCE_REVISION_ENV) or None  # baked in by the image
+        self.source_revision = outside_env("TRAINER_REVISION", environ)  # baked in by the image
         self.best_val: dict[str, float] = {}  # best_val_loss / best_val_accuracy so far
 
     # -- storage keys --------------------------------------------------------------------------
