@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.contract import contract
 from tests.support.servers import (
+    BODY_VIOLATIONS,
     REPO,
     TEMPLATE_UTILS,
     MlflowServer,
@@ -88,6 +89,8 @@ def backend() -> Iterator[RecordingBackend]:
     server = RecordingBackend()
     yield server
     server.close()
+    assert not server.violations, "bodies not valid in the callback API:\n" + "\n".join(
+        server.violations)
 
 
 EARLY_MLFLOW_SERVER = pytest.StashKey[MlflowServer]()
@@ -100,6 +103,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in items):
         root = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
         config.stash[EARLY_MLFLOW_SERVER] = MlflowServer(root, wait=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every body a trainer sent in this session must be valid in the published callback API."""
+    if BODY_VIOLATIONS:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("=", "callback bodies not valid in the published callback API "
+                               "(schemas/callback-api.openapi.json)", red=True)
+            for line in dict.fromkeys(BODY_VIOLATIONS):
+                reporter.write_line(line)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

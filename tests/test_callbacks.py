@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 
@@ -49,7 +50,7 @@ def test_events_arrive_in_order_with_headers_and_ids(utils_module, backend, tmp_
         assert call.body["job_id"] == "job-1"
         assert call.headers["X-Internal-Auth"] == TOKEN
         assert call.headers["Content-Type"] == "application/json"
-        assert call.headers["Idempotency-Key"] == f"job-1:{seq}"
+        assert re.fullmatch(rf"job-1:train:[0-9a-f]{{12}}:{seq}", call.headers["Idempotency-Key"])
     assert backend.calls[0].method == "PATCH" and backend.calls[1].method == "POST"
     assert backend.duplicates == [] and backend.rejected == []
 
@@ -80,7 +81,9 @@ def test_seq_continues_after_a_restart_on_the_same_work_dir(utils_module, backen
     second = make_client(utils_module, backend, tmp_path)
     second.send("PATCH", "status", {"status": "running"})
     assert second.close(timeout=10)
-    assert [c.headers["Idempotency-Key"] for c in backend.calls][-1] == "job-1:4"
+    keys = [c.headers["Idempotency-Key"] for c in backend.calls]
+    assert keys[-1].startswith("job-1:train:") and keys[-1].endswith(":4")
+    assert keys[-1].rsplit(":", 1)[0] != keys[0].rsplit(":", 1)[0]  # a new attempt's own keys
     assert backend.duplicates == []
 
 

@@ -98,7 +98,7 @@ def test_successful_job_reports_everything(utils_module, job_env, backend, s3, m
                         "MLFLOW_TRACKING_URI"):
         assert secret_name not in params
     assert not any(secret in value for value in params.values() for secret in SECRET_VALUES)
-    assert mlflow_run.data.metrics["val/accuracy"] == 1.0
+    assert mlflow_run.data.metrics["val_accuracy"] == 1.0
     assert not failure_file(env).exists()
     journal = (Path(env["WORK_DIR"]) / "callbacks.jsonl").read_text().splitlines()
     assert len(journal) == 6

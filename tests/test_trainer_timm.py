@@ -223,6 +223,8 @@ def test_training_uploads_self_describing_checkpoints_and_the_report(trained: Tr
         sizes[name] = trained.s3.client.head_object(
             Bucket=trained.bucket, Key=f"checkpoints/job-e2e/{name}")["ContentLength"]
     assert sum(sizes.values()) / (len(sizes) * sizes["epoch-3.pt"]) <= 1.1, sizes
+    assert last["provenance"]["framework_version"] == "1.0.31"
+    assert last["provenance"]["dataset_etag"]
 
     report = read_json(trained.s3, trained.bucket, "artifacts/job-e2e/results.json")
     best = [v for v in of_job(trained.backend, "validation-results", "e2e") if v["is_best"]][-1]
@@ -243,9 +245,11 @@ def test_one_mlflow_run_per_job_with_params_metrics_and_artifacts(trained: Train
     assert run_.data.params["EPOCHS"] == str(EPOCHS)
     assert run_.data.params["MODEL_NAME"] == "test_resnet"
     assert run_.data.tags["framework"] == "timm"
+    assert run_.data.tags["dataset_etag"] == read_checkpoint(
+        trained.s3, trained.bucket, "checkpoints/job-e2e/best.pt")["provenance"]["dataset_etag"]
     assert "MINIO_SECRET_KEY" not in run_.data.params
     client = MlflowClient(trained.mlflow.uri)
-    for metric in ("val/accuracy", "val/f1_score", "train/loss", "train/throughput_img_s"):
+    for metric in ("val_accuracy", "val_f1_score", "train_loss", "train_throughput_img_s"):
         history = client.get_metric_history(run_.info.run_id, metric)
         assert sorted(m.step for m in history) == [1, 2, 3], metric
     assert REPORT <= {a.path for a in client.list_artifacts(run_.info.run_id)}

@@ -193,8 +193,15 @@ def test_one_mlflow_run_per_job_with_params_metrics_and_artifacts(trained: Train
     run_ = runs[0]
     assert run_.info.run_name == "job-e2e" and run_.info.status == "FINISHED"
     assert run_.data.params["EPOCHS"] == "2" and run_.data.tags["framework"] == "ultralytics"
+    assert run_.data.tags["framework_version"] == contract.installed_version("ultralytics")
+    assert run_.data.tags["dataset_etag"]
+    for name in ("best.pt", "epoch-2.pt"):  # the finished model, and a mid-run snapshot's copy
+        local = trained.tmp / f"provenance-{name}"
+        trained.s3.client.download_file(trained.bucket, f"checkpoints/job-e2e/{name}", str(local))
+        ckpt = contract.load_torch_checkpoint(local, trusted=True)
+        assert ckpt["provenance"]["dataset_etag"] == run_.data.tags["dataset_etag"], name
     client = MlflowClient(trained.mlflow.uri)
-    history = client.get_metric_history(run_.info.run_id, "val/mAP_0.5_0.95")
+    history = client.get_metric_history(run_.info.run_id, "val_mAP_0.5_0.95")
     assert sorted(m.step for m in history) == [1, 2]
     logged = {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert {"results.csv", "results.png", "confusion_matrix.png", "args.yaml"} <= logged

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import http.server
 import json
 import logging
@@ -24,6 +25,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE_UTILS = REPO / "template" / "utils.py"
+CALLBACK_API = REPO / "schemas" / "callback-api.openapi.json"
 
 LOOPBACK = "127.0.0.1"
 
@@ -307,6 +309,32 @@ class Call:
     answered: int = 200
 
 
+# Every body a job wired by `RecordingBackend.env` sent that the published callback API rejects,
+# as "<test backend url> <METHOD> /<route>: <problem>", across the whole test session (conftest
+# fails the session if any).
+BODY_VIOLATIONS: list[str] = []
+
+
+@functools.cache
+def _callback_api() -> dict[str, Any]:
+    return json.loads(CALLBACK_API.read_text(encoding="utf-8"))
+
+
+def callback_body_problems(method: str, route: str, body: Any) -> list[str]:
+    """Why `body` is not a valid request of `method /route` in schemas/callback-api.openapi.json."""
+    import jsonschema
+
+    api = _callback_api()
+    operation = api["paths"].get(f"/{route}", {}).get(method.lower())
+    if operation is None:
+        return [f"{method} /{route} is not in the callback API"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    # OpenAPI 3.1 schemas are JSON Schema 2020-12; refs resolve against the whole document.
+    validator = jsonschema.Draft202012Validator({**schema, "components": api["components"]})
+    return [f"{'/'.join(map(str, error.absolute_path)) or '(body)'}: {error.message}"
+            for error in validator.iter_errors(body)]
+
+
 class RecordingBackend:
     """The platform's callback endpoints on 127.0.0.1, recording each call.
 
@@ -319,6 +347,10 @@ class RecordingBackend:
         self.calls: list[Call] = []
         self.duplicates: list[Call] = []
         self.rejected: list[Call] = []
+        # Checked against the published callback API once a job is wired to this backend
+        # (`env`); unit tests of the client send bodies of their own.
+        self.validate_bodies = False
+        self.violations: list[str] = []
         self._lock = threading.Lock()
         self._seen_keys: set[str] = set()
         self._received = 0  # every request that reached a handler, for fail_every
@@ -339,6 +371,7 @@ class RecordingBackend:
     # -- what the tests read -------------------------------------------------------------------
 
     def env(self, job_id: str = "job-1", token: str = "test-token") -> dict[str, str]:
+        self.validate_bodies = True
         url = f"http://{LOOPBACK}:{self.port}{CALLBACK_BASE_PATH}{job_id}"
         return {"CALLBACK_URL": url, "INTERNAL_AUTH_TOKEN": token, "JOB_ID": job_id}
 
@@ -459,6 +492,11 @@ class RecordingBackend:
             route = path[len(CALLBACK_BASE_PATH):].partition("/")[2]
         call = Call(request.command, route, CaseInsensitiveDict(request.headers.items()),
                     body, time.monotonic(), path)
+        if self.validate_bodies:
+            problems = [f"{self.url} {call.method} /{route}: {problem}"
+                        for problem in callback_body_problems(call.method, route, body)]
+            self.violations.extend(problems)
+            BODY_VIOLATIONS.extend(problems)
 
         with self._lock:
             self._received += 1

@@ -57,7 +57,7 @@ def evaluate(job: utils.Job) -> utils.JobResult:
         "per_class_metrics": result.per_class_metrics,
         "confusion_matrix": result.confusion_matrix, "class_names": class_names}, indent=2))
     job.upload_artifacts([report], "evaluation")
-    job.log_metrics({f"{cfg.split}/{k}": v for k, v in result.metrics.items()})
+    job.log_metrics({f"{cfg.split}_{k}": v for k, v in result.metrics.items()})
     job.send_validation_result(checkpoint["epoch"], result)
     print(json.dumps(result.metrics))
     return utils.JobResult(metrics=result.metrics)

@@ -108,7 +108,7 @@ def train(job: utils.Job) -> utils.JobResult:
             std=list(splits.train.transform.transforms[-1].std),
             task_type=TASK_TYPE, metrics=result.metrics,
             config={k: v for k, v in cfg.redacted().items() if v != "<redacted>"},
-            versions={"torch": str(torch.__version__)})
+            versions={"torch": str(torch.__version__)}, provenance=job.provenance())
         if is_best:
             best_result = result
             utils.link_or_copy(last_path, best_path)  # no second write of the bytes

@@ -61,7 +61,7 @@ def evaluate(job: utils.Job) -> utils.JobResult:
         "images": len(items), "model_name": checkpoint["model_name"],
         "data_config": data_config})
     job.upload_artifacts(paths, "evaluation")
-    job.log_metrics({f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
+    job.log_metrics({f"{cfg.split}_{k}": v for k, v in result.metrics.items()}
                     | {f"{cfg.split}/loss": result.overall_loss})
     job.send_validation_result(checkpoint["epoch"], result)
     print(json.dumps({**result.metrics, "loss": result.overall_loss}))

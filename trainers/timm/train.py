@@ -147,7 +147,7 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
             best_value, best_epoch = result.primary_metric_value, epoch
         checkpoint = None
         if dist.is_main:
-            save_run(last_path, run, job.cfg, epoch=epoch, best_value=best_value,
+            save_run(last_path, run, job, epoch=epoch, best_value=best_value,
                      metrics=result.metrics)
             if is_best:
                 utils.link_or_copy(last_path, best_path)  # no second write of the bytes
@@ -166,7 +166,7 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
     return best_epoch
 
 
-def save_run(path: Path, run: Run, cfg, *, epoch: int, best_value: float,
+def save_run(path: Path, run: Run, job: utils.Job, *, epoch: int, best_value: float,
              metrics: dict[str, float]) -> None:
     from engine import PRIMARY_METRIC, TASK_TYPE
     from model import save_checkpoint
@@ -177,11 +177,12 @@ def save_run(path: Path, run: Run, cfg, *, epoch: int, best_value: float,
         scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
         ema=run.ema.module.state_dict() if run.ema is not None else None,
         scaler=scaler.state_dict() if scaler is not None else None,
-        epoch=epoch, epochs=cfg.epochs, best_value=best_value,
+        epoch=epoch, epochs=job.cfg.epochs, best_value=best_value,
         model_name=run.model_name, model_kwargs=run.model_kwargs,
         class_names=run.class_names, data_config=run.data_config, task_type=TASK_TYPE,
         primary_metric=PRIMARY_METRIC, metrics=metrics, amp=run.precision.name,
-        config={k: v for k, v in cfg.redacted().items() if v != "<redacted>"})
+        config={k: v for k, v in job.cfg.redacted().items() if v != "<redacted>"},
+        provenance=job.provenance())
 
 
 def log_epoch(epoch: int, epochs: int, training: utils.TrainingMetrics,
@@ -211,7 +212,7 @@ def finish(job: utils.Job, run: Run, best_epoch: int | None, device) -> utils.Jo
         "split": "val", "epoch": best_epoch, "images": len(run.val_items),
         "checkpoint": job.best_checkpoint_uri, "model_name": checkpoint["model_name"]})
     job.upload_artifacts(paths)
-    job.log_metrics({f"best/{k}": v for k, v in result.metrics.items()}, step=best_epoch)
+    job.log_metrics({f"final_{k}": v for k, v in result.metrics.items()}, step=best_epoch)
     print(f"best epoch {best_epoch}: accuracy {result.metrics['accuracy']:.4f} "
           f"({job.best_checkpoint_uri})")
     return utils.JobResult(

@@ -43,6 +43,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -300,7 +301,8 @@ PLATFORM_SETTINGS: tuple[Setting, ...] = (
             required_if=("STORAGE_TYPE", "local"), group="advanced"),
     Setting("MLFLOW_TRACKING_URI", help="MLflow tracking URI; unset: a local store in WORK_DIR.",
             secret=True, url_schemes=MLFLOW_SCHEMES, group="advanced"),
-    Setting("MLFLOW_EXPERIMENT_NAME", default="vision-platform", help="MLflow experiment.",
+    Setting("MLFLOW_EXPERIMENT_NAME", default="vision-platform", help="MLflow experiment; "
+            "{JOB_ID} in it is replaced by the job's id (job_{JOB_ID}: one per job).",
             group="advanced"),
     Setting("WORK_DIR", help="Local scratch and outputs; default: "
             "<tmp>/vision-platform/job-<JOB_ID>.", group="advanced"),
@@ -323,6 +325,8 @@ PLATFORM_SETTINGS: tuple[Setting, ...] = (
     Setting("CA_BUNDLE", help="PEM file of the CA(s) that sign the callback, storage and MLflow "
             "endpoints' certificates (a private CA); default: the system's, or "
             "REQUESTS_CA_BUNDLE / AWS_CA_BUNDLE.", group="advanced"),
+    Setting("IMAGE_REF", help="The image the job runs in (registry/name@sha256:...), recorded as "
+            "provenance on the MLflow run and the checkpoints.", group="advanced"),
 )
 
 # Hyperparameters every trainer's train.py reads; a trainer changes defaults with `with_defaults`.
@@ -411,6 +415,8 @@ OUTSIDE_ENV: dict[str, str] = {
     "YOLO_CONFIG_DIR": "Ultralytics: its settings folder, which the Ultralytics trainer points "
                        "at the job's work dir before importing it (read back to catch an "
                        "import that came first).",
+    "TRAINER_REVISION": "The image's build: the git commit the trainer was built from (the "
+                        "images workflow's REVISION build arg), recorded as provenance.",
 }
 
 
@@ -1928,6 +1934,19 @@ def stage_dataset(storage: Storage, dataset_id: str, cache_dir: Path,
     return root
 
 
+def staged_etag(root: Path, cache_dir: Path) -> str | None:
+    """The ETag of the object a dataset staged by `stage_dataset` came from (its cache marker)."""
+    for folder in (root, *root.parents):
+        marker = folder / "complete.json"
+        if marker.is_file():
+            with contextlib.suppress(ValueError, AttributeError):
+                return json.loads(marker.read_text(encoding="utf-8")).get("etag")
+            return None
+        if folder == cache_dir.resolve():
+            break
+    return None
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -2344,7 +2363,7 @@ def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
     attempt = 0
     while True:
         yield random.uniform(base, min(cap, base * 2**attempt))
-        attempt += 1
+        attempt = min(attempt + 1, 32)  # 2**1000 would overflow a float: hours of a dead backend
 
 
 class Uploader:
@@ -2484,7 +2503,7 @@ class CallbackClient:
                  journal: Path, *, timeout: tuple[float, float] = (3.05, 10.0),
                  max_backoff: float = 30.0, on_cancel: Callable[[], None] | None = None,
                  ca_bundle: str | None = None, journal_optional: bool = False,
-                 attempt_s: float = 15.0):
+                 attempt_s: float = 15.0, script: str = "train"):
         self.base_url = base_url.rstrip("/") if base_url else None
         self.verify: str | bool = ca_bundle or True  # True: REQUESTS_CA_BUNDLE, else the system's
         # Only when reporting a job that could not start: its work dir may be unwritable, and
@@ -2495,6 +2514,10 @@ class CallbackClient:
         self.attempt_s = attempt_s  # one attempt's total, connect to the answer's last byte
         self._lock = threading.Lock()
         self._seq = self._last_journaled_seq()
+        # Keys name the script and this attempt, so evaluate under the training job's id, or an
+        # attempt whose journal was lost, never repeats a key; a re-send reuses the journaled key.
+        self.script = script
+        self.key_prefix = f"{job_id}:{script}:{secrets.token_hex(6)}"
         self._worker = OrderedWorker("callbacks", self._deliver)
         self._session = None
         self.disabled_reason: str | None = None
@@ -2524,7 +2547,7 @@ class CallbackClient:
     def send(self, method: str, route: str, body: dict[str, Any]) -> int:
         with self._lock:
             self._seq += 1
-            event = {"method": method, "route": route,
+            event = {"method": method, "route": route, "key": f"{self.key_prefix}:{self._seq}",
                      "body": {**body, "job_id": self.job_id, "seq": self._seq}}
             try:
                 self.journal.parent.mkdir(parents=True, exist_ok=True)
@@ -2550,9 +2573,32 @@ class CallbackClient:
     def _url(self, route: str) -> str:
         return self.base_url + "/" + route.lstrip("/")  # join, never replace, the base path
 
-    def _headers(self, seq: int) -> dict[str, str]:
+    def _headers(self, key: str) -> dict[str, str]:
         return {"X-Internal-Auth": self._token or "", "Content-Type": "application/json",
-                "Idempotency-Key": f"{self.job_id}:{seq}"}
+                "Idempotency-Key": key}
+
+    def resend_undelivered(self) -> int:
+        """Queue again, under their own keys, the events an earlier attempt on this work dir
+        journaled after the last one it saw delivered (the backend drops what it already has)."""
+        delivered = 0
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            delivered = int(self._delivered_mark.read_text(encoding="utf-8"))
+        events = []
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.journal.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    event = json.loads(line)
+                    if event["body"]["job_id"] == self.job_id and event["seq"] > delivered and (
+                            event["key"].split(":")[-3] == self.script):
+                        events.append({k: event[k] for k in ("method", "route", "key", "body")})
+        if self.base_url and not self.disabled_reason:
+            for event in events:
+                self._worker.submit(event)
+        return len(events)
+
+    @property
+    def _delivered_mark(self) -> Path:
+        return self.journal.with_suffix(".delivered")
 
     def _warn_once(self, status: int, message: str, *args: Any) -> None:
         if status not in self._warned:
@@ -2565,6 +2611,7 @@ class CallbackClient:
         if self._session is None:
             self._session = requests.Session()
         seq = event["body"]["seq"]
+        key = event.get("key") or f"{self.job_id}:{seq}"
         payload = json.dumps(event["body"], default=_json_default)
         delays = backoff_delays(0.5, self.max_backoff)
         while not self.disabled_reason:
@@ -2573,7 +2620,7 @@ class CallbackClient:
                 response = request_within(
                     self._session, event["method"], self._url(event["route"]),
                     max(min(self.attempt_s, self._worker.time_left()), 0.1), data=payload,
-                    headers=self._headers(seq), timeout=self.timeout, allow_redirects=False,
+                    headers=self._headers(key), timeout=self.timeout, allow_redirects=False,
                     verify=self.verify)
             except requests.exceptions.SSLError:
                 self._refuse_certificate()
@@ -2592,6 +2639,8 @@ class CallbackClient:
                 if status < 300:
                     self.delivered += 1
                     self._last_delivered_seq = seq
+                    with contextlib.suppress(OSError):  # what a resumed attempt need not resend
+                        self._delivered_mark.write_text(str(seq), encoding="utf-8")
                     self._check_cancel(response)
                     return
                 if status == 422:
@@ -2681,12 +2730,12 @@ class CallbackClient:
         if event is None or self.disabled_reason or event["body"]["seq"] <= (
                 self._last_delivered_seq) or timeout <= 0:
             return ""
-        seq = event["body"]["seq"]
         try:
             response = request_within(
                 requests.Session(), event["method"], self._url(event["route"]), timeout,
                 data=json.dumps(event["body"], default=_json_default),
-                headers=self._headers(seq), timeout=(min(self.timeout[0], timeout), timeout),
+                headers=self._headers(event["key"]), timeout=(min(self.timeout[0], timeout),
+                                                              timeout),
                 allow_redirects=False, verify=self.verify)
         except requests.RequestException as exc:
             return f"; the final status was attempted ahead of them ({type(exc).__name__})"
@@ -2756,6 +2805,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
     def end(self, status: str, timeout: float) -> None:
@@ -2882,6 +2934,10 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._submit("log_artifact", str(path), artifact_path)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._submit("set_tag", key, str(value))
+
     def end(self, status: str, timeout: float) -> None:
         self._submit("set_terminated", status)
         if not self._worker.close(timeout):
@@ -2898,6 +2954,7 @@ _NOISY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alemb
 # once, in words (a dead MLflow server must cost one warning, not one per request).
 _QUIET_LOGGERS = ("urllib3",)
 FAILURE_NAME = "failure"  # the failed attempt's reason, one line, in the work dir
+FRAMEWORK_PACKAGES = {"pytorch": "torch"}  # a framework named otherwise than its package
 
 
 class _RedactSecrets(logging.Filter):
@@ -2985,7 +3042,8 @@ class Job:
                                                                                 self.job_id)
         self.callbacks = CallbackClient(
             cfg.callback_url if self.is_main else None, cfg.internal_auth_token, self.job_id,
-            journal, on_cancel=self.cancel_requested.set, ca_bundle=cfg.ca_bundle or None)
+            journal, on_cancel=self.cancel_requested.set, ca_bundle=cfg.ca_bundle or None,
+            script=kind)
         self.uploads = Uploader(self.storage, self.work_dir / ".upload-staging")
         self.tracker: Tracker | NullTracker = NullTracker()  # a real one from start(), if any
         self.last_checkpoint: Path | None = None
@@ -2995,6 +3053,9 @@ class Job:
         self.progress: float | None = None
         self._epoch_started = time.monotonic()
         self._epoch_times: list[float] = []
+        self.dataset_etag: str | None = None  # of the staged dataset: provenance
+        self.source_revision = outside_env("TRAINER_REVISION", environ)  # baked in by the image
+        self.best_val: dict[str, float] = {}  # best_val_loss / best_val_accuracy so far
 
     # -- storage keys --------------------------------------------------------------------------
     def checkpoint_key(self, name: str) -> str:
@@ -3005,8 +3066,20 @@ class Job:
 
     # -- inputs --------------------------------------------------------------------------------
     def stage_dataset(self, dataset_id: str | None = None) -> Path:
-        return stage_dataset(self.storage, dataset_id or self.cfg.dataset_id, self.cache_dir,
+        root = stage_dataset(self.storage, dataset_id or self.cfg.dataset_id, self.cache_dir,
                              self.cfg.disk_budget_mb)
+        self.dataset_etag = staged_etag(root, self.cache_dir)
+        self.tracker.set_tags({"dataset_etag": self.dataset_etag or ""})
+        return root
+
+    def provenance(self) -> dict[str, str | None]:
+        """What made this run's results (contract section 4): on the MLflow run and in every
+        checkpoint. `dataset_etag` is known once the dataset is staged."""
+        package = FRAMEWORK_PACKAGES.get(self.framework, self.framework)
+        return {"framework": self.framework, "framework_version": installed_version(package),
+                "dataset_id": getattr(self.cfg, "dataset_id", None),
+                "dataset_etag": self.dataset_etag,
+                "image_ref": self.cfg.image_ref or None, "source_revision": self.source_revision}
 
     def checkpoint_trust(self, path: str | None = None) -> str | None:
         """Why CHECKPOINT_PATH (or `path`) may run code when loaded, or None (see
@@ -3098,9 +3171,12 @@ class Job:
         self.callbacks.send("POST", "training-metrics", body)
 
     def send_validation_result(self, epoch: int, result: ValidationResult, *,
-                               is_best: bool = False, checkpoint_path: str | None = None) -> None:
+                               is_best: bool = False, checkpoint_path: str | None = None,
+                               split: str | None = None) -> None:
         body = {"epoch": epoch, **dataclasses.asdict(result), "is_best": is_best,
-                "checkpoint_path": checkpoint_path}
+                "checkpoint_path": checkpoint_path,
+                "source": "evaluate" if self.kind == "evaluate" else "train",
+                "split": split or getattr(self.cfg, "split", None) or "val"}
         self.callbacks.send("POST", "validation-results", body)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -3138,16 +3214,18 @@ class Job:
             epoch_uri = self.publish_checkpoint(epoch, total_epochs, checkpoint, weights=weights,
                                                 is_best=is_best)
         self.send_training_metrics(epoch, training, epoch_uri)
-        flat = {f"train/{k}": v for k, v in dataclasses.asdict(training).items()
+        # One naming, the seed-era UI's: `train_loss`, `val_loss`, `val_mAP_0.5` (contract 4).
+        flat = {f"train_{k}": v for k, v in dataclasses.asdict(training).items()
                 if k != "extra_metrics"}
-        flat.update({f"train/{k}": v for k, v in extra.items() if k != "total_epochs"})
+        flat.update({f"train_{k}": v for k, v in extra.items() if k != "total_epochs"})
         if validation is not None:
             best_uri = self.best_checkpoint_uri if is_best else None
             self.send_validation_result(epoch, validation, is_best=is_best,
                                         checkpoint_path=best_uri)
-            flat.update({f"val/{k}": v for k, v in validation.metrics.items()})
+            flat.update({f"val_{k}": v for k, v in validation.metrics.items()})
             if validation.overall_loss is not None:
-                flat["val/loss"] = validation.overall_loss
+                flat["val_loss"] = validation.overall_loss
+            self._note_best(validation)
         self.log_metrics(flat, step=epoch)
         if self.cancel_requested.is_set():
             raise JobCancelled(f"cancelled by the platform after epoch {epoch}")
@@ -3285,17 +3363,27 @@ class Job:
         raise CheckpointError(f"CHECKPOINT_PATH={path} holds weights only (no optimizer "
                               f"state) and cannot resume job {self.job_id}: resume from {last}")
 
+    def _note_best(self, validation: ValidationResult) -> None:
+        """`best_val_loss` / `best_val_accuracy`, logged at the end (the seed-era UI reads them)."""
+        for name, value, better in (("best_val_loss", validation.overall_loss, min),
+                                    ("best_val_accuracy", validation.metrics.get("accuracy"), max)):
+            if isinstance(value, (int, float)) and value == value:
+                self.best_val[name] = better(self.best_val.get(name, value), value)
+
     # -- start and end -------------------------------------------------------------------------
     def start(self, run_name: str | None = None) -> None:
         if self.kind == "train":
             self._continue_earlier_attempt()
         if self.is_main and self.kind in ("train", "evaluate"):
-            tracker = Tracker(self.cfg.mlflow_tracking_uri, self.cfg.mlflow_experiment_name,
-                              self.work_dir, ca_bundle=self.cfg.ca_bundle or None)
+            experiment = self.cfg.mlflow_experiment_name.replace("{JOB_ID}", self.job_id)
+            tracker = Tracker(self.cfg.mlflow_tracking_uri, experiment, self.work_dir,
+                              ca_bundle=self.cfg.ca_bundle or None)
             prefix = "job" if self.kind == "train" else "eval"
             tags = {"job_id": self.job_id, "dataset_id": str(self.cfg.get("DATASET_ID") or ""),
                     "framework": self.framework, "model_name": str(
-                        getattr(self.cfg, "model_name", "") or ""), "job_kind": self.kind}
+                        getattr(self.cfg, "model_name", "") or ""), "job_kind": self.kind,
+                    **{k: v for k, v in self.provenance().items() if v and k not in (
+                        "framework", "dataset_id")}}
             if tracker.start(run_name or f"{prefix}-{self.job_id}", tags):
                 self.tracker = tracker
                 self.tracker.log_params({k: v for k, v in self.cfg.redacted().items()
@@ -3314,6 +3402,7 @@ class Job:
         """
         own = self.checkpoint_key("last.pt")
         if self.unfinished_attempt:
+            self.callbacks.resend_undelivered()
             try:
                 self.storage.head(own)
             except StorageError:
@@ -3371,6 +3460,7 @@ class Job:
             fields = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path}
             self.progress = 100.0
         mlflow_status = {"completed": "FINISHED", "cancelled": "KILLED"}.get(outcome, "FAILED")
+        self.tracker.log_metrics(self.best_val)
         self.tracker.end(mlflow_status, max(min(deadline - time.monotonic(), 10.0), 0.1))
         self.notify_status(outcome, error, **fields)
         self._upload_journal(deadline)

@@ -43,7 +43,7 @@ def evaluate(job: utils.Job) -> utils.JobResult:
         "class_names": result.class_names}, indent=2, ensure_ascii=False), encoding="utf-8")
     plots = sorted({p for pattern in PLOTS for p in out_dir.glob(pattern)})
     job.upload_artifacts([report, *plots], "evaluation")
-    job.log_metrics({f"{cfg.split}/{k}": v for k, v in result.metrics.items()},
+    job.log_metrics({f"{cfg.split}_{k}": v for k, v in result.metrics.items()},
                     step=info.trained_epochs)
     job.send_validation_result(info.trained_epochs, result)
     print(json.dumps(result.metrics))

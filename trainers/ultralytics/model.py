@@ -173,6 +173,19 @@ def class_names(names: Any) -> list[str]:
     return [str(n) for n in names]
 
 
+def write_with_provenance(source: Path, dest: Path, provenance: dict[str, Any]) -> Path:
+    """`source` (an Ultralytics checkpoint this job wrote) at `dest`, atomically, carrying the
+    contract's `provenance` (section 4) beside Ultralytics' own keys."""
+    import torch
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(source)  # this job's own file
+    ckpt["provenance"] = provenance
+    with utils.atomic_path(dest) as tmp:
+        torch.save(ckpt, tmp)
+    return dest
+
+
 def inspect_checkpoint(path: Path) -> CheckpointInfo:
     """Read an Ultralytics checkpoint's description; CheckpointError if it is not one.
 

@@ -16,7 +16,6 @@ worker makes from a snapshot. Ultralytics' files in its save_dir are its working
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +111,14 @@ class EpochReporter:
                        result.primary_metric_value, " (best)" if is_best else "")
 
     def _snapshot(self, last: Path) -> Path | None:
-        """A copy of Ultralytics' last.pt, replaced atomically: Ultralytics rewrites its own file
-        in place every epoch, which the background upload's hard-link snapshot cannot survive."""
+        """A copy of Ultralytics' last.pt with the job's provenance, replaced atomically:
+        Ultralytics rewrites its own file in place every epoch, which the background upload's
+        hard-link snapshot cannot survive."""
         if not last.is_file():
             return None
-        with utils.atomic_path(self.checkpoint) as tmp:
-            shutil.copyfile(last, tmp)
-        return self.checkpoint
+        from model import write_with_provenance
+
+        return write_with_provenance(last, self.checkpoint, self.job.provenance())
 
 
 def strip_to_weights(source: Path, dest: Path) -> None:

@@ -188,6 +188,11 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
         return utils.JobResult()
     save_dir = Path(trainer.save_dir)
     best, last = Path(trainer.best), Path(trainer.last)
+    from model import write_with_provenance
+
+    for model_file in (best, last):  # the finished models kept locally carry it too
+        if model_file.is_file():
+            write_with_provenance(model_file, model_file, job.provenance())
     kept = keep_finished_models(job.work_dir / "checkpoints", best, last)
     final = reporter.final or reporter.last
     metrics = dict(final.metrics) if final else {}
@@ -202,7 +207,7 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
             "epochs": reporter.epochs_reported, "best_checkpoint": job.best_checkpoint_uri,
         }, indent=2, ensure_ascii=False), encoding="utf-8")
         step = reporter.epochs_reported[-1] if reporter.epochs_reported else None
-        job.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=step)
+        job.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=step)
     artifacts = sorted({p for pattern in ARTIFACTS for p in save_dir.glob(pattern)})
     job.upload_artifacts(artifacts)
     print(f"best checkpoint: {kept.get('best.pt', '-')} ({job.best_checkpoint_uri})")
