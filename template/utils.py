@@ -2784,6 +2784,20 @@ def classification_image_record(index: int, image: Path, name: str, true_id: int
             "is_correct": top[0]["label_id"] == int(true_id)}
 
 
+def classification_image_records(items: Sequence[tuple[Path, int]],
+                                 predictions: Sequence[tuple[Sequence[int], Sequence[float]]],
+                                 class_names: Sequence[str],
+                                 indices: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    """Records for a validated class-folder split: `items` its (image, class id) in order,
+    `predictions` (top ids, their probabilities) per image validated, at `indices` of `items`
+    (default: all, in order). Each image is named `<class folder>/<file>`, as in the dataset."""
+    indices = range(len(predictions)) if indices is None else indices
+    return [classification_image_record(i, items[i][0], f"{items[i][0].parent.name}/"
+                                        f"{items[i][0].name}", items[i][1], ids, confidences,
+                                        class_names)
+            for i, (ids, confidences) in zip(indices, predictions, strict=False)]
+
+
 def detection_image_record(index: int, image: Path, name: str,
                            true_boxes: Iterable[Sequence[float]],
                            predicted_boxes: Iterable[Sequence[float]],
