@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import clean_environ
-from tests.support.servers import REPO, RecordingBackend, S3Server, wait_until
+from tests.support.servers import REPO, RecordingBackend, S3Server, closed_port_url, wait_until
 
 TOKEN = "test-token"
 # Not "train"/"evaluate": the same lifecycle without an MLflow run, so these tests stay fast.
@@ -267,7 +267,8 @@ def trainer_env(s3: S3Server, backend: RecordingBackend, tmp_path: Path, archive
     return {**clean_environ(), **s3.env(), **backend.env(job_id, TOKEN),
             "WORK_DIR": str(tmp_path / job_id), "DATASET_ID": archive.stem, "DEVICE": "cpu",
             "NUM_WORKERS": "0", "EPOCHS": "1", "VAL_IMAGE_RESULTS_MAX": "5",
-            "MLFLOW_TRACKING_URI": f"file://{tmp_path / 'mlruns'}",
+            # No tracking server: one warning, tracking off (MLflow is not what is tested here).
+            "MLFLOW_TRACKING_URI": closed_port_url(),
             "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1", **settings}
 
 
@@ -314,3 +315,20 @@ def test_pytorch_train_and_evaluate_fill_the_per_image_view(tmp_path, s3, backen
                                            "WORK_DIR": str(tmp_path / "pt-eval")})
     check_image_results(s3, backend, "pt-eval", CLASSIFICATION)
 
+
+
+@pytest.mark.slow
+def test_timm_train_and_evaluate_fill_the_per_image_view(tmp_path, s3, backend):
+    archive = sample_zip("timm", tmp_path / "data", "--train", "4", "--val", "3", "--test", "2")
+    env = trainer_env(s3, backend, tmp_path, archive, "timm-train", MODEL_NAME="test_resnet",
+                      PRETRAINED="false", IMAGE_SIZE="32", BATCH_SIZE="8",
+                      HF_HOME=str(tmp_path / "hf"))
+    run_trainer("timm", "train.py", env)
+    results = check_image_results(s3, backend, "timm-train", CLASSIFICATION)
+    assert {r["true_label"] for r in results} <= {str(d) for d in range(10)}
+
+    best = f"s3://{s3.bucket}/checkpoints/job-timm-train/best.pt"
+    run_trainer("timm", "evaluate.py", {**env, **backend.env("timm-eval", TOKEN),
+                                        "CHECKPOINT_PATH": best, "SPLIT": "test",
+                                        "WORK_DIR": str(tmp_path / "timm-eval")})
+    check_image_results(s3, backend, "timm-eval", CLASSIFICATION, split="test")

@@ -2705,8 +2705,10 @@ class LogShipper(logging.Handler):
             self._stopped = f"HTTP {status}"  # the event queue says why, once
         return True
 
-    def close(self, timeout: float) -> bool:
-        """Send what is queued within `timeout` s (what the terminal status left); True if all."""
+    def drain(self, timeout: float) -> bool:
+        """Send what is queued within `timeout` s (what the terminal status left); True if all.
+
+        Not `close`: logging.shutdown() calls each handler's close() with no argument."""
         with self._wake:
             self._summarise()
             self._deadline = time.monotonic() + max(timeout, 0.0)
@@ -3231,7 +3233,7 @@ class Job:
         shipper, self.log_shipper = self.log_shipper, None
         if shipper is not None:
             logging.getLogger("trainer").removeHandler(shipper)
-            shipper.close(timeout)
+            shipper.drain(timeout)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         self.tracker.log_metrics(metrics, step)
