@@ -332,3 +332,36 @@ def test_timm_train_and_evaluate_fill_the_per_image_view(tmp_path, s3, backend):
                                         "CHECKPOINT_PATH": best, "SPLIT": "test",
                                         "WORK_DIR": str(tmp_path / "timm-eval")})
     check_image_results(s3, backend, "timm-eval", CLASSIFICATION, split="test")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "model", "fields"), [
+    ("detect", "yolo11n", DETECTION),
+    ("segment", "yolo11n-seg", {"true_mask_path", "predicted_mask_path", "extra_data"}),
+    ("classify", "yolo11n-cls", CLASSIFICATION),
+])
+def test_ultralytics_train_fills_the_per_image_view(tmp_path, s3, backend, task, model, fields):
+    archive = sample_zip("ultralytics", tmp_path / "data", "--task", task, "--name",
+                         f"shapes-{task}", "--train", "8", "--val", "4", "--size", "128")
+    env = trainer_env(s3, backend, tmp_path, archive, f"yolo-{task}", MODEL_NAME=model,
+                      PRETRAINED="false", IMAGE_SIZE="64" if task == "classify" else "128",
+                      BATCH_SIZE="8", EXTRA_ARGS='{"plots": false}')
+    run_trainer("ultralytics", "train.py", env)
+    results = check_image_results(s3, backend, f"yolo-{task}", fields)
+    assert len(results) == 4  # every validation image: fewer than VAL_IMAGE_RESULTS_MAX
+    if task == "detect":
+        for result in results:
+            assert result["true_boxes"], "every sample image holds a shape"
+            for box in result["true_boxes"] + result["predicted_boxes"]:
+                assert box["class_name"] in ("circle", "square", "triangle")
+                x1, y1, x2, y2 = box["bbox"]
+                assert 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 128  # pixels, not fractions
+            assert 0 <= result["iou"] <= 1
+        best = f"s3://{s3.bucket}/checkpoints/job-yolo-detect/best.pt"
+        run_trainer("ultralytics", "evaluate.py", {
+            **env, **backend.env("yolo-eval", TOKEN), "CHECKPOINT_PATH": best,
+            "WORK_DIR": str(tmp_path / "yolo-eval"), "VAL_IMAGE_RESULTS_MAX": "2"})
+        assert len(check_image_results(s3, backend, "yolo-eval", DETECTION)) == 2
+    if task == "segment":
+        assert all(r["true_mask_path"] is None and r["extra_data"]["true_boxes"]
+                   for r in results)

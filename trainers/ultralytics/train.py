@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(job: utils.Job) -> utils.JobResult:
     with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints its progress to stdout
-        trainer, reporter = fit(job)
-    return finish(job, trainer, reporter)
+        trainer, reporter, dataset = fit(job)
+    return finish(job, trainer, reporter, dataset)
 
 
 def fit(job: utils.Job):
@@ -114,7 +114,7 @@ def fit(job: utils.Job):
         reporter.attach(yolo)
     trainer = reporting.platform_trainer(yolo.task_map[start.task]["trainer"], start.task)
     yolo.train(trainer=trainer, **arguments)
-    return yolo.trainer, reporter
+    return yolo.trainer, reporter, dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +172,12 @@ def restore_results_csv(columns: dict[str, list], csv_path: Path) -> None:
                      for value in row) + "\n" for row in rows), encoding="utf-8")
 
 
-def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
+def finish(job: utils.Job, trainer, reporter, dataset) -> utils.JobResult:
     """Upload the finished best/last models and the run's plots; the job's final metrics."""
+    import image_results
+
+    import model
+
     if not job.is_main:
         return utils.JobResult()
     save_dir = Path(trainer.save_dir)
@@ -189,6 +193,10 @@ def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
             keys.insert(0, job.checkpoint_key(f"epoch-{reporter.epochs_reported[-1]}.pt"))
         job.upload(last, keys[0], background=True, copies=keys[1:])
     kept = keep_finished_models(job.work_dir / "checkpoints", best, last)
+    if reporter.epochs_reported:  # last.pt holds the weights of the last validation sent
+        image_results.send(job, last, trainer.args.task, dataset.splits["val"],
+                           dataset.class_names, split="val", imgsz=job.cfg.image_size,
+                           device=model.ultralytics_device(job.cfg.device))
     final = reporter.final or reporter.last
     metrics = dict(final.metrics) if final else {}
     if reporter.best_epoch is not None:

@@ -2816,11 +2816,14 @@ def select_image_results(records: Sequence[Mapping[str, Any]], limit: int
     """The `limit` images a person learns most from: every mistake first (a wrong class, most
     confident first; boxes with IoU under REVIEW_IOU, worst first), then an even sample of the
     rest across the split, so the view also shows what the model gets right."""
+    def iou(r: Mapping[str, Any]) -> float:  # segmentation keeps its boxes under extra_data
+        return float(r.get("iou", (r.get("extra_data") or {}).get("iou")) or 0)
+
     def mistake(r: Mapping[str, Any]) -> bool:
-        return r["is_correct"] is False if "is_correct" in r else (r.get("iou") or 0) < REVIEW_IOU
+        return r["is_correct"] is False if "is_correct" in r else iou(r) < REVIEW_IOU
 
     def badness(r: Mapping[str, Any]) -> float:
-        return float(r["confidence"]) if "is_correct" in r else -float(r.get("iou") or 0)
+        return float(r["confidence"]) if "is_correct" in r else -iou(r)
 
     mistakes = sorted((r for r in records if mistake(r)), key=badness, reverse=True)
     chosen = mistakes[:limit]
