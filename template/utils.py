@@ -3202,8 +3202,7 @@ class Job:
         and sent in lists of IMAGE_RESULTS_PER_CALL once the backend has answered the
         validation with its `validation_result_id`. Returns how many were queued.
         """
-        limit = self.cfg.get("VAL_IMAGE_RESULTS_MAX") if "VAL_IMAGE_RESULTS_MAX" in (
-            self.cfg._settings) else 200
+        limit = getattr(self.cfg, "val_image_results_max", 200)  # a script without the setting
         if not self.is_main or not limit or not records or self.last_validation is None:
             return 0
         after_seq, epoch = self.last_validation

@@ -299,6 +299,11 @@ def check_image_results(s3: S3Server, backend: RecordingBackend, job_id: str, fi
     return results
 
 
+def log_epochs(backend: RecordingBackend, job_id: str) -> set:
+    """The epochs the job's log lines were sent with (the log panel groups by them)."""
+    return {b["epoch"] for b in log_bodies(backend) if b["job_id"] == job_id}
+
+
 @pytest.mark.slow
 def test_pytorch_train_and_evaluate_fill_the_per_image_view(tmp_path, s3, backend):
     archive = sample_zip("pytorch", tmp_path / "data", "--train", "4", "--val", "3")
@@ -306,6 +311,7 @@ def test_pytorch_train_and_evaluate_fill_the_per_image_view(tmp_path, s3, backen
                       BATCH_SIZE="4")
     run_trainer("pytorch", "train.py", env)
     results = check_image_results(s3, backend, "pt-train", CLASSIFICATION)
+    assert log_epochs(backend, "pt-train") == {None, 1}
     assert {r["true_label"] for r in results} <= {"circle", "square", "triangle"}
     assert all(len(r["top5_predictions"]) == 3 for r in results)
 
@@ -325,6 +331,7 @@ def test_timm_train_and_evaluate_fill_the_per_image_view(tmp_path, s3, backend):
                       HF_HOME=str(tmp_path / "hf"))
     run_trainer("timm", "train.py", env)
     results = check_image_results(s3, backend, "timm-train", CLASSIFICATION)
+    assert log_epochs(backend, "timm-train") == {None, 1}
     assert {r["true_label"] for r in results} <= {str(d) for d in range(10)}
 
     best = f"s3://{s3.bucket}/checkpoints/job-timm-train/best.pt"
@@ -348,6 +355,7 @@ def test_ultralytics_train_fills_the_per_image_view(tmp_path, s3, backend, task,
                       BATCH_SIZE="8", EXTRA_ARGS='{"plots": false}')
     run_trainer("ultralytics", "train.py", env)
     results = check_image_results(s3, backend, f"yolo-{task}", fields)
+    assert log_epochs(backend, f"yolo-{task}") == {None, 1}
     assert len(results) == 4  # every validation image: fewer than VAL_IMAGE_RESULTS_MAX
     if task == "detect":
         for result in results:

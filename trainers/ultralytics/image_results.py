@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ def send(job: utils.Job, weights: Path, task: str, split_path: Path, class_names
     found = find_images(split_path)
     step = max(len(found) / (PREDICTED_PER_RESULT * limit), 1.0)
     indices = [int(i * step) for i in range(min(len(found), PREDICTED_PER_RESULT * limit))]
-    base = split_path if split_path.is_dir() else job.work_dir
+    # A split given as a .txt list (bad images skipped) names images by their common folder.
+    base = split_path if split_path.is_dir() else Path(os.path.commonpath(found)).parent
     from ultralytics import YOLO
 
     model = YOLO(str(weights), task=task)
@@ -46,8 +48,7 @@ def send(job: utils.Job, weights: Path, task: str, split_path: Path, class_names
             image = found[index]
             [result] = model.predict(str(image), imgsz=imgsz, conf=PREDICT_CONF, device=device,
                                      verbose=False, save=False)
-            name = image.relative_to(base).as_posix() if image.is_relative_to(base) else (
-                image.name)
+            name = image.relative_to(base).as_posix()
             records.append(record(task, index, image, name, result, class_names))
     return job.send_validation_image_results(records, split=split)
 
