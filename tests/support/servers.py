@@ -340,7 +340,10 @@ class RecordingBackend:
 
     `calls` holds the events the backend stored (answered 2xx, first time their Idempotency-Key
     was seen); `duplicates` the repeats (answered 200, not stored again); `rejected` the calls
-    answered with an error status by a fault control.
+    answered with an error status by a fault control. `POST /logs` lines are kept apart in
+    `logs` (they obey set_status / set_hang / set_down, not fail_every), so counting events is
+    not disturbed by a job's log lines. Like the real backend, a stored validation result is
+    answered with its `validation_result_id` (1, 2, ...; `result_ids=False`: none).
     """
 
     def __init__(self, job_id: str = "job-1") -> None:
@@ -351,6 +354,8 @@ class RecordingBackend:
         # (`env`); unit tests of the client send bodies of their own.
         self.validate_bodies = False
         self.violations: list[str] = []
+        self.logs: list[Call] = []
+        self.result_ids = True
         self._lock = threading.Lock()
         self._seen_keys: set[str] = set()
         self._received = 0  # every request that reached a handler, for fail_every
@@ -498,6 +503,11 @@ class RecordingBackend:
             self.violations.extend(problems)
             BODY_VIOLATIONS.extend(problems)
 
+        if route == "logs":
+            with self._lock:
+                status, retry_after = self._record_log(call)
+            self._answer(request, status, {"status": "ok"}, retry_after)
+            return
         with self._lock:
             self._received += 1
             status, retry_after = 200, None
@@ -521,7 +531,23 @@ class RecordingBackend:
                     stored_on_route = sum(1 for c in self.calls if c.route == route)
                     if self._cancel_at.get(route) == stored_on_route:
                         answer = {"ok": True, "cancel": True}
+                    if route == "validation-results" and self.result_ids:
+                        answer = {**answer, "status": "ok",
+                                  "validation_result_id": stored_on_route}
 
+        self._answer(request, status, answer, retry_after)
+
+    def _record_log(self, call: Call) -> tuple[int, float | None]:
+        status, retry_after = self._forced if self._forced is not None else (200, None)
+        if status < 300:
+            key = call.headers.get("Idempotency-Key")
+            if not (key and key in self._seen_keys):
+                self._seen_keys.add(key)
+                self.logs.append(call)
+        return status, retry_after
+
+    def _answer(self, request: http.server.BaseHTTPRequestHandler, status: int,
+                answer: dict[str, Any], retry_after: float | None) -> None:
         payload = json.dumps(answer).encode()
         trickle = self._trickle_s
         if trickle is not None:

@@ -46,7 +46,9 @@ def evaluate(job: utils.Job) -> utils.JobResult:
                           build_transform(image_size, train=False, mean=checkpoint["mean"],
                                           std=checkpoint["std"]))
     loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=cfg.num_workers)
-    result = validate(model_from_checkpoint(checkpoint, device), loader, device, class_names)
+    per_image: list[tuple[list[int], list[float]]] = []
+    result = validate(model_from_checkpoint(checkpoint, device), loader, device, class_names,
+                      per_image)
 
     out_dir = job.work_dir / "evaluation"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,9 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     job.upload_artifacts([report], "evaluation")
     job.log_metrics({f"{cfg.split}_{k}": v for k, v in result.metrics.items()})
     job.send_validation_result(checkpoint["epoch"], result)
+    job.send_validation_image_results(
+        utils.classification_image_records(dataset.items, per_image, class_names),
+        split=cfg.split)
     print(json.dumps(result.metrics))
     return utils.JobResult(metrics=result.metrics)
 

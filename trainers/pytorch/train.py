@@ -91,12 +91,14 @@ def train(job: utils.Job) -> utils.JobResult:
     out_dir = job.work_dir / "checkpoints"
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     best_result: utils.ValidationResult | None = None
+    per_image: list[tuple[list[int], list[float]]] = []  # the last validation's, for the UI
     for epoch in range(start_epoch, cfg.epochs + 1):
-        job.start_epoch()
+        job.start_epoch(epoch)
         started = time.monotonic()
         training = train_one_epoch(model, train_loader, optimizer, device, precision)
         scheduler.step()
-        result = validate(model, val_loader, device, splits.class_names)
+        per_image.clear()
+        result = validate(model, val_loader, device, splits.class_names, per_image)
         is_best = result.primary_metric_value > best_value
         best_value = max(best_value, result.primary_metric_value)
         save_checkpoint(
@@ -120,6 +122,8 @@ def train(job: utils.Job) -> utils.JobResult:
                       is_best=is_best, weights=weights_only)
         log_epoch(epoch, cfg.epochs, training, result)
 
+    job.send_validation_image_results(utils.classification_image_records(
+        splits.val.items, per_image, splits.class_names))
     return finish(job, best_result, best_path)
 
 
@@ -186,7 +190,10 @@ def train_one_epoch(model, loader, optimizer, device, precision: Precision
     return utils.TrainingMetrics(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1))
 
 
-def validate(model, loader, device, class_names: list[str]) -> utils.ValidationResult:
+def validate(model, loader, device, class_names: list[str],
+             per_image: list[tuple[list[int], list[float]]] | None = None
+             ) -> utils.ValidationResult:
+    """Metrics over the split; with `per_image`, each image's top-5 (ids, probabilities) too."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -204,6 +211,9 @@ def validate(model, loader, device, class_names: list[str]) -> utils.ValidationR
             top5 += (logits.topk(k, 1).indices == labels[:, None]).any(1).sum().item()
             np.add.at(confusion, (labels.cpu().numpy(), logits.argmax(1).cpu().numpy()), 1)
             seen += len(labels)
+            if per_image is not None:
+                confidences, ids = logits.float().softmax(1).topk(k, 1)
+                per_image.extend(zip(ids.tolist(), confidences.tolist(), strict=True))
     metrics, per_class = utils.classification_metrics(confusion, class_names, top5)
     return utils.ValidationResult(
         task_type=TASK_TYPE, metrics=metrics, primary_metric_name=PRIMARY_METRIC,

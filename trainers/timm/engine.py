@@ -139,8 +139,13 @@ def train_one_epoch(epoch: int, net: nn.Module, loader, optimizer, loss_fn: nn.M
 
 
 def validate(model: nn.Module, loader, class_names: list[str], *, dist: Dist,
-             precision: Precision, channels_last: bool = False) -> utils.ValidationResult:
-    """Metrics over the whole split: each rank scores its shard, the sums are reduced once."""
+             precision: Precision, channels_last: bool = False,
+             per_image: list[tuple[list[int], list[float]]] | None = None
+             ) -> utils.ValidationResult:
+    """Metrics over the whole split: each rank scores its shard, the sums are reduced once.
+
+    With `per_image`, this rank's images' top-5 (ids, probabilities) too, in its loader's order.
+    """
     model.eval()
     device = dist.device
     n = len(class_names)
@@ -160,6 +165,9 @@ def validate(model: nn.Module, loader, class_names: list[str], *, dist: Dist,
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             top5 += accuracy(logits, labels, topk=(k,))[0].double() * (len(labels) / 100.0)
             confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n)
+            if per_image is not None:
+                confidences, ids = logits.softmax(1).topk(k, 1)
+                per_image.extend(zip(ids.tolist(), confidences.tolist(), strict=True))
     totals = dist.sum(np.concatenate([[loss_sum.item(), top5.item()],
                                       confusion.cpu().numpy()]))
     matrix = np.rint(totals[2:]).astype(np.int64).reshape(n, n)

@@ -53,8 +53,10 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     data_config = plain_data_config(checkpoint["data_config"], cfg.image_size)
     loader = eval_loader(ImageFolder(items, eval_transform(data_config)), cfg.batch_size,
                          workers=cfg.num_workers)
+    per_image: list[tuple[list[int], list[float]]] = []
     result = validate(model_from_checkpoint(checkpoint, device), loader, class_names,
-                      dist=Dist(device=device), precision=resolve_precision(cfg.amp, device))
+                      dist=Dist(device=device), precision=resolve_precision(cfg.amp, device),
+                      per_image=per_image)
 
     paths = write_report(job.work_dir / "evaluation", result, {
         "split": cfg.split, "checkpoint": cfg.checkpoint_path, "epoch": checkpoint["epoch"],
@@ -64,6 +66,8 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     job.log_metrics({f"{cfg.split}_{k}": v for k, v in result.metrics.items()}
                     | {f"{cfg.split}/loss": result.overall_loss})
     job.send_validation_result(checkpoint["epoch"], result)
+    job.send_validation_image_results(
+        utils.classification_image_records(items, per_image, class_names), split=cfg.split)
     print(json.dumps({**result.metrics, "loss": result.overall_loss}))
     return utils.JobResult(metrics={**result.metrics, "loss": result.overall_loss})
 

@@ -132,16 +132,19 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
     out_dir = job.work_dir / "checkpoints"
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     best_value, best_epoch = -math.inf, None
+    per_image: list[tuple[list[int], list[float]]] = []  # the last validation's, for the UI
     for epoch in range(run.start_epoch, cfg.epochs + 1):
-        job.start_epoch()
+        job.start_epoch(epoch)
         run.train_loader.sampler.set_epoch(epoch)
         training = train_one_epoch(
             epoch, run.net, run.train_loader, run.optimizer, run.loss_fn, dist=dist,
             precision=run.precision, scheduler=run.scheduler, mixup=run.mixup, ema=run.ema,
             model=run.model, channels_last=cfg.channels_last)
         dist.broadcast_buffers(run.eval_model)
+        per_image.clear()
         result = validate(run.eval_model, run.val_loader, run.class_names, dist=dist,
-                          precision=run.precision, channels_last=cfg.channels_last)
+                          precision=run.precision, channels_last=cfg.channels_last,
+                          per_image=per_image)
         is_best = result.primary_metric_value > best_value
         if is_best:
             best_value, best_epoch = result.primary_metric_value, epoch
@@ -163,6 +166,9 @@ def fit(job: utils.Job, run: Run, dist: Dist) -> int | None:
             stop = exc
         if dist.from_main(stop is not None):
             raise stop or utils.JobCancelled(f"cancelled by the platform after epoch {epoch}")
+    # Under torchrun, rank 0 validated its shard: the view shows those images (indices kept).
+    job.send_validation_image_results(utils.classification_image_records(
+        run.val_items, per_image, run.class_names, indices=list(run.val_loader.sampler)))
     return best_epoch
 
 

@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(job: utils.Job) -> utils.JobResult:
     cfg = job.cfg
+    import image_results
+
+    import model
+
     with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints its progress to stdout
-        info, result, out_dir = run_validation(job)
+        info, result, out_dir, dataset = run_validation(job)
     report = out_dir / "metrics.json"
     report.write_text(json.dumps({
         "split": cfg.split, "checkpoint": cfg.checkpoint_path, "task_type": result.task_type,
@@ -46,6 +50,9 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     job.log_metrics({f"{cfg.split}_{k}": v for k, v in result.metrics.items()},
                     step=info.trained_epochs)
     job.send_validation_result(info.trained_epochs, result)
+    image_results.send(job, info.path, info.task, dataset.splits[cfg.split], info.class_names,
+                       split=cfg.split, imgsz=cfg.image_size or info.image_size or 640,
+                       device=model.ultralytics_device(cfg.device))
     print(json.dumps(result.metrics))
     return utils.JobResult(metrics=result.metrics)
 
@@ -80,7 +87,7 @@ def run_validation(job: utils.Job):
     result = validation_result(info.task, metrics, info.class_names)
     log.info("%s on %s: %s %.4f", info.path.name, cfg.split, result.primary_metric_name,
                    result.primary_metric_value)
-    return info, result, Path(out_dir)
+    return info, result, Path(out_dir), dataset
 
 
 if __name__ == "__main__":

@@ -78,8 +78,12 @@ class EpochReporter:
         self._trained_epoch: int | None = None
 
     def attach(self, model: Any) -> None:
+        model.add_callback("on_train_epoch_start", self.on_train_epoch_start)
         model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
         model.add_callback("on_fit_epoch_end", self.on_fit_epoch_end)
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        self.job.start_epoch(trainer.epoch + 1)  # the epoch the job's log lines belong to
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         self._trained_epoch = trainer.epoch + 1  # Ultralytics counts from 0, the platform from 1

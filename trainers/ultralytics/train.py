@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(job: utils.Job) -> utils.JobResult:
     with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints its progress to stdout
-        trainer, reporter = fit(job)
-    return finish(job, trainer, reporter)
+        trainer, reporter, dataset = fit(job)
+    return finish(job, trainer, reporter, dataset)
 
 
 def fit(job: utils.Job):
@@ -118,7 +118,7 @@ def fit(job: utils.Job):
         reporter.attach(yolo)
     trainer = reporting.platform_trainer(yolo.task_map[start.task]["trainer"], start.task)
     yolo.train(trainer=trainer, **arguments)
-    return yolo.trainer, reporter
+    return yolo.trainer, reporter, dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,23 +177,29 @@ def restore_results_csv(columns: dict[str, list], csv_path: Path) -> None:
                      for value in row) + "\n" for row in rows), encoding="utf-8")
 
 
-def finish(job: utils.Job, trainer, reporter) -> utils.JobResult:
-    """Upload the run's plots and results; the job's final metrics.
+def finish(job: utils.Job, trainer, reporter, dataset) -> utils.JobResult:
+    """Upload the run's plots, results and per-image results; the job's final metrics.
 
     The checkpoints were published epoch by epoch (`job.end_epoch`), and the contract makes
     last.pt weights-only when the job completes: Ultralytics' own stripped best.pt/last.pt in
     its save_dir are the same weights and are not uploaded again.
     """
+    import image_results
+
+    import model
+
     if not job.is_main:
         return utils.JobResult()
     save_dir = Path(trainer.save_dir)
     best, last = Path(trainer.best), Path(trainer.last)
-    from model import write_with_provenance
-
     for model_file in (best, last):  # the finished models kept locally carry it too
         if model_file.is_file():
-            write_with_provenance(model_file, model_file, job.provenance())
+            model.write_with_provenance(model_file, model_file, job.provenance())
     kept = keep_finished_models(job.work_dir / "checkpoints", best, last)
+    if reporter.epochs_reported:  # last.pt holds the weights of the last validation sent
+        image_results.send(job, last, trainer.args.task, dataset.splits["val"],
+                           dataset.class_names, split="val", imgsz=job.cfg.image_size,
+                           device=model.ultralytics_device(job.cfg.device))
     final = reporter.final or reporter.last
     metrics = dict(final.metrics) if final else {}
     if reporter.best_epoch is not None:

@@ -31,6 +31,7 @@ Importing this module does nothing: no env reads, no clients, no threads. Heavy 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -355,6 +356,8 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BAD_IMAGES", "int", 0, "Unreadable, truncated or oversized images skipped (with "
             "one warning listing them) before the dataset check fails.", minimum=0,
             group="advanced"),
+    Setting("VAL_IMAGE_RESULTS_MAX", "int", 200, "Most per-image results of the last validation "
+            "sent to the platform's UI (mistakes first); 0: none.", minimum=0, group="advanced"),
 )
 
 EVALUATE_SETTINGS: tuple[Setting, ...] = (
@@ -368,6 +371,8 @@ EVALUATE_SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BAD_IMAGES", "int", 0, "Unreadable, truncated or oversized images skipped (with "
             "one warning listing them) before the dataset check fails.", minimum=0,
             group="advanced"),
+    Setting("VAL_IMAGE_RESULTS_MAX", "int", 200, "Most per-image results of the last validation "
+            "sent to the platform's UI (mistakes first); 0: none.", minimum=0, group="advanced"),
 )
 
 PREDICT_SETTINGS: tuple[Setting, ...] = (
@@ -2518,7 +2523,9 @@ class CallbackClient:
         # attempt whose journal was lost, never repeats a key; a re-send reuses the journaled key.
         self.script = script
         self.key_prefix = f"{job_id}:{script}:{secrets.token_hex(6)}"
-        self._worker = OrderedWorker("callbacks", self._deliver)
+        self._worker = OrderedWorker("callbacks", self._dispatch)
+        self.validation_result_ids: dict[int, Any] = {}  # seq of a validation -> backend's id
+        self._unlinked: set[int] = set()
         self._session = None
         self.disabled_reason: str | None = None
         self._warned: set[int] = set()
@@ -2588,8 +2595,11 @@ class CallbackClient:
             for line in self.journal.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     event = json.loads(line)
+                    # Per-image results are not re-sent: the id they link to was the earlier
+                    # attempt's answer, which this attempt never saw.
                     if event["body"]["job_id"] == self.job_id and event["seq"] > delivered and (
-                            event["key"].split(":")[-3] == self.script):
+                            event["key"].split(":")[-3] == self.script) and (
+                            event["route"] != "validation-image-results"):
                         events.append({k: event[k] for k in ("method", "route", "key", "body")})
         if self.base_url and not self.disabled_reason:
             for event in events:
@@ -2610,7 +2620,7 @@ class CallbackClient:
 
         if self._session is None:
             self._session = requests.Session()
-        seq = event["body"]["seq"]
+        seq = event.get("seq") or event["body"]["seq"]  # a list body (follow-ups) has none
         key = event.get("key") or f"{self.job_id}:{seq}"
         payload = json.dumps(event["body"], default=_json_default)
         delays = backoff_delays(0.5, self.max_backoff)
@@ -2642,6 +2652,7 @@ class CallbackClient:
                     with contextlib.suppress(OSError):  # what a resumed attempt need not resend
                         self._delivered_mark.write_text(str(seq), encoding="utf-8")
                     self._check_cancel(response)
+                    self._remember_answer(event, response)
                     return
                 if status == 422:
                     log.error("backend rejected %s %s as unreadable (HTTP 422): %s -- a bug on "
@@ -2677,6 +2688,52 @@ class CallbackClient:
             if self._worker.time_left() <= 0:
                 self.abandoned += 1
                 return
+
+    def send_follow_up(self, route: str, records: Sequence[Mapping[str, Any]], *,
+                       after_seq: int) -> int:
+        """Queue a list body that needs the backend's answer to event `after_seq` (its
+        `validation_result_id`, set into every record at delivery). The in-order queue delivers
+        it after that event was answered; no id in the answer: it is not sent (one info line).
+        """
+        with self._lock:
+            self._seq += 1
+            body = [{**record, "job_id": self.job_id, "seq": self._seq} for record in records]
+            event = {"method": "POST", "route": route, "seq": self._seq, "after_seq": after_seq,
+                     "key": f"{self.key_prefix}:{self._seq}", "body": body}
+            # The journal keeps a dict body (job_id, seq) like every other event's.
+            journaled = {"job_id": self.job_id, "seq": self._seq, "after_seq": after_seq,
+                         "results": body}
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"seq": self._seq, "time": _utc_now(), "method": "POST",
+                                     "route": route, "key": event["key"], "body": journaled},
+                                    default=_json_default) + "\n")
+            if self.base_url and not self.disabled_reason:
+                self._worker.submit(event)
+            return self._seq
+
+    def _dispatch(self, event: dict[str, Any]) -> None:
+        after = event.get("after_seq")
+        if after is not None:
+            result_id = self.validation_result_ids.get(after)
+            if result_id is None:
+                if after not in self._unlinked:
+                    self._unlinked.add(after)
+                    log.info("the backend returned no validation_result_id for event %d: its "
+                             "per-image results are not sent", after)
+                return
+            event = {**event, "body": [{**record, "validation_result_id": result_id}
+                                       for record in event["body"]]}
+        self._deliver(event)
+
+    def _remember_answer(self, event: dict[str, Any], response: Any) -> None:
+        if event["route"] != "validation-results":
+            return
+        with contextlib.suppress(ValueError):
+            body = response.json()
+            result_id = body.get("validation_result_id") if isinstance(body, dict) else None
+            if isinstance(result_id, (int, str)) and not isinstance(result_id, bool):
+                self.validation_result_ids[event["body"]["seq"]] = result_id
 
     def _refuse_redirect(self, status: int, location: str | None) -> None:
         """A redirect is a misconfigured backend (or a proxy in front of it): following it would
@@ -2775,6 +2832,281 @@ class ValidationResult:
     confusion_matrix: list[list[int]] | None = None
     pr_curves: dict[str, Any] | None = None
     class_names: list[str] = dataclasses.field(default_factory=list)
+
+
+# -- POST /logs: the job's own log lines, lowest priority ---------------------------------------
+
+LOG_LINES_PER_S = 5.0  # sustained rate of log lines sent; a burst of LOG_BURST passes at once
+LOG_BURST = 50
+LOG_QUEUE_MAX = 200  # lines waiting for the backend; past it the oldest are dropped
+_LOG_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR",
+               "CRITICAL": "ERROR"}
+
+
+class LogShipper(logging.Handler):
+    """`POST /logs` (contract section 3): the job's own lines ("trainer" and its children).
+
+    A lane of its own beside the event queue: its own bounded queue, thread and connection, so a
+    log line never waits in front of an event and a hung log request never holds one up. It
+    sends only while the event queue is empty, drops lines past a rate (a token bucket) or when
+    the backend falls behind, and says how many in one line when it can send again. Lines are
+    not journaled: callbacks.jsonl is the record of the platform's events, and the log lines are
+    in the container's own log. Keys are `{job_id}:log:{run}:{n}`, `run` random per process, so
+    they never meet an event's key nor another script's lines under the same JOB_ID.
+    """
+
+    def __init__(self, client: CallbackClient, secrets: Iterable[str],
+                 epoch: Callable[[], int | None], *, rate: float = LOG_LINES_PER_S,
+                 burst: int = LOG_BURST, queue_max: int = LOG_QUEUE_MAX):
+        super().__init__(logging.INFO)
+        self.client, self.epoch = client, epoch
+        self.rate, self.burst = rate, burst
+        self._redact = _RedactSecrets(secrets)
+        self._lines: collections.deque[dict[str, Any]] = collections.deque()
+        self._queue_max = queue_max
+        self._wake = threading.Condition()
+        self._tokens, self._refilled = float(burst), time.monotonic()
+        self._run_token = os.urandom(4).hex()
+        self._count = 0
+        self.dropped = 0  # since the last summary line
+        self.sent = 0
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._deadline: float | None = None
+        self._stopped: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if threading.current_thread() is self._thread or self._stopped:
+            return  # the lane's own words never feed the lane
+        try:
+            message = self._redact.redact(one_line(record.getMessage()))
+        except Exception:  # a bad format string is the caller's bug, reported by the stream
+            return
+        with self._wake:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._tokens < 1:
+                self.dropped += 1
+                return
+            self._tokens -= 1
+            self._summarise()
+            self._put(message, _LOG_LEVELS.get(record.levelname, "INFO"))
+
+    def _summarise(self) -> None:
+        if self.dropped:
+            count, self.dropped = self.dropped, 0
+            self._put(f"{count} log line(s) not sent to the platform: more than {self.rate:g} "
+                      "a second, or the backend behind", "WARNING")
+
+    def _put(self, message: str, level: str) -> None:
+        if len(self._lines) >= self._queue_max:
+            self._lines.popleft()
+            self.dropped += 1
+        self._count += 1
+        self._lines.append({"message": message, "level": level, "epoch": self.epoch(),
+                            "timestamp": _utc_now(), "job_id": self.client.job_id,
+                            "seq": self._count})
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="logs", daemon=True)
+            self._thread.start()
+        self._wake.notify()
+
+    def _time_left(self) -> float:
+        return float("inf") if self._deadline is None else self._deadline - time.monotonic()
+
+    def _run(self) -> None:
+        import requests
+
+        _yield_cpu_to_training()
+        session = requests.Session()
+        delays = backoff_delays(0.5, self.client.max_backoff)
+        while not self._stopped:
+            with self._wake:
+                while not self._lines and not self._closing.is_set():
+                    self._wake.wait()
+                if not self._lines:
+                    return
+                line = self._lines[0]
+            if self.client.pending() or self.client.disabled_reason:  # events go first
+                self._pause(0.05)
+                if self._time_left() <= 0:
+                    return
+                continue
+            if self._post(session, line):
+                delays = backoff_delays(0.5, self.client.max_backoff)
+                with self._wake:
+                    if self._lines and self._lines[0] is line:
+                        self._lines.popleft()
+            else:
+                self._pause(next(delays))
+            if self._time_left() <= 0:
+                return
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before the next try; close() cuts a long backoff short, then the deadline rules."""
+        if not self._closing.is_set():
+            self._closing.wait(seconds)
+        else:
+            time.sleep(max(min(seconds, _DRAIN_RETRY_S, self._time_left()), 0.0))
+
+    def _post(self, session: Any, line: dict[str, Any]) -> bool:
+        """One attempt; True when the line is done with (delivered, or never to be retried)."""
+        import requests
+
+        left = self._time_left()
+        if left <= 0:
+            return False
+        timeout = (min(self.client.timeout[0], left), min(self.client.timeout[1], left))
+        headers = {**self.client._headers(0),
+                   "Idempotency-Key": f"{self.client.job_id}:log:{self._run_token}:{line['seq']}"}
+        try:
+            response = session.post(self.client._url("logs"), data=json.dumps(line),
+                                    headers=headers, timeout=timeout, allow_redirects=False,
+                                    verify=self.client.verify)
+        except requests.exceptions.SSLError:
+            self._stopped = "TLS"
+            return True
+        except requests.RequestException:
+            return False
+        status = response.status_code
+        if status < 300:
+            self.sent += 1
+            return True
+        if status in _RETRY_STATUS or status >= 500:
+            return False
+        if status in (401, 403, 404) or 300 <= status < 400:
+            self._stopped = f"HTTP {status}"  # the event queue says why, once
+        return True
+
+    def drain(self, timeout: float) -> bool:
+        """Send what is queued within `timeout` s (what the terminal status left); True if all.
+
+        Not `close`: logging.shutdown() calls each handler's close() with no argument."""
+        with self._wake:
+            self._summarise()
+            self._deadline = time.monotonic() + max(timeout, 0.0)
+            self._closing.set()
+            self._wake.notify()
+        while self._lines and self._thread is not None and self._time_left() > 0 and (
+                not self._stopped and self._thread.is_alive()):
+            time.sleep(0.02)
+        return not self._lines
+
+
+# -- POST /validation-image-results: what a person looks at in the UI -----------------------------
+
+IMAGE_RESULTS_PER_CALL = 100  # the contract's longest list per call
+REVIEW_IOU = 0.5  # an image whose boxes match worse than this is a mistake worth a look
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two [x1, y1, x2, y2] boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def image_iou(true_boxes: Sequence[Mapping[str, Any]],
+              predicted_boxes: Sequence[Mapping[str, Any]]) -> float:
+    """One number per image: true and predicted boxes matched greedily within a class (most
+    confident first), each match counts its IoU, each missed or extra box 0, averaged over the
+    matches and the unmatched boxes on both sides; 1.0 for an image with none of either."""
+    if not true_boxes and not predicted_boxes:
+        return 1.0
+    unmatched = list(range(len(true_boxes)))
+    ious = []
+    for pred in sorted(predicted_boxes, key=lambda p: -float(p.get("confidence") or 0)):
+        best, best_i = 0.0, None
+        for i in unmatched:
+            if true_boxes[i]["class_id"] == pred["class_id"]:
+                iou = box_iou(true_boxes[i]["bbox"], pred["bbox"])
+                if iou > best:
+                    best, best_i = iou, i
+        if best_i is not None:
+            unmatched.remove(best_i)
+        ious.append(best)
+    return round(sum(ious) / (len(ious) + len(unmatched)), 4)
+
+
+def boxes_record(boxes: Iterable[Sequence[float]], class_names: Sequence[str]
+                 ) -> list[dict[str, Any]]:
+    """(class_id, x1, y1, x2, y2[, confidence]) in pixels -> the contract's box dicts."""
+    out = []
+    for box in boxes:
+        class_id = int(box[0])
+        entry = {"class_id": class_id, "class_name": class_names[class_id]
+                 if 0 <= class_id < len(class_names) else str(class_id),
+                 "bbox": [round(float(v), 1) for v in box[1:5]]}
+        if len(box) > 5:
+            entry["confidence"] = round(float(box[5]), 4)
+        out.append(entry)
+    return out
+
+
+def classification_image_record(index: int, image: Path, name: str, true_id: int,
+                                top_ids: Sequence[int], top_confidences: Sequence[float],
+                                class_names: Sequence[str]) -> dict[str, Any]:
+    """One image's result (contract section 3), `top_ids` best first. `image` (the local file)
+    and `name` (its path in the split) are for the upload; the job sets `image_path`."""
+    top = [{"label": class_names[int(i)], "label_id": int(i), "confidence": round(float(c), 4)}
+           for i, c in zip(top_ids[:5], top_confidences[:5], strict=False)]
+    return {"image_file": image, "image_name": name, "image_index": index,
+            "true_label": class_names[true_id], "true_label_id": int(true_id),
+            "predicted_label": top[0]["label"], "predicted_label_id": top[0]["label_id"],
+            "confidence": top[0]["confidence"], "top5_predictions": top,
+            "is_correct": top[0]["label_id"] == int(true_id)}
+
+
+def classification_image_records(items: Sequence[tuple[Path, int]],
+                                 predictions: Sequence[tuple[Sequence[int], Sequence[float]]],
+                                 class_names: Sequence[str],
+                                 indices: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    """Records for a validated class-folder split: `items` its (image, class id) in order,
+    `predictions` (top ids, their probabilities) per image validated, at `indices` of `items`
+    (default: all, in order). Each image is named `<class folder>/<file>`, as in the dataset."""
+    indices = range(len(predictions)) if indices is None else indices
+    return [classification_image_record(i, items[i][0], f"{items[i][0].parent.name}/"
+                                        f"{items[i][0].name}", items[i][1], ids, confidences,
+                                        class_names)
+            for i, (ids, confidences) in zip(indices, predictions, strict=False)]
+
+
+def detection_image_record(index: int, image: Path, name: str,
+                           true_boxes: Iterable[Sequence[float]],
+                           predicted_boxes: Iterable[Sequence[float]],
+                           class_names: Sequence[str]) -> dict[str, Any]:
+    """One image's boxes (pixels) and its `image_iou`; see classification_image_record."""
+    true, predicted = boxes_record(true_boxes, class_names), boxes_record(predicted_boxes,
+                                                                           class_names)
+    return {"image_file": image, "image_name": name, "image_index": index, "true_boxes": true,
+            "predicted_boxes": predicted, "iou": image_iou(true, predicted)}
+
+
+def select_image_results(records: Sequence[Mapping[str, Any]], limit: int
+                         ) -> list[Mapping[str, Any]]:
+    """The `limit` images a person learns most from: every mistake first (a wrong class, most
+    confident first; boxes with IoU under REVIEW_IOU, worst first), then an even sample of the
+    rest across the split, so the view also shows what the model gets right."""
+    def iou(r: Mapping[str, Any]) -> float:  # segmentation keeps its boxes under extra_data
+        return float(r.get("iou", (r.get("extra_data") or {}).get("iou")) or 0)
+
+    def mistake(r: Mapping[str, Any]) -> bool:
+        return r["is_correct"] is False if "is_correct" in r else iou(r) < REVIEW_IOU
+
+    def badness(r: Mapping[str, Any]) -> float:
+        return float(r["confidence"]) if "is_correct" in r else -iou(r)
+
+    mistakes = sorted((r for r in records if mistake(r)), key=badness, reverse=True)
+    chosen = mistakes[:limit]
+    rest = [r for r in records if not mistake(r)]
+    room = limit - len(chosen)
+    if room > 0 and rest:
+        step = len(rest) / room
+        chosen += [rest[int(i * step)] for i in range(min(room, len(rest)))]
+    return chosen
 
 
 # =============================================================================================
@@ -2964,6 +3296,11 @@ class _RedactSecrets(logging.Filter):
         super().__init__()
         self.secrets = [s for s in secrets if s]
 
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
             message = record.getMessage()
@@ -3056,6 +3393,9 @@ class Job:
         self.dataset_etag: str | None = None  # of the staged dataset: provenance
         self.source_revision = outside_env("TRAINER_REVISION", environ)  # baked in by the image
         self.best_val: dict[str, float] = {}  # best_val_loss / best_val_accuracy so far
+        self.current_epoch: int | None = None  # the epoch log lines belong to (POST /logs)
+        self.last_validation: tuple[int, int] | None = None  # (seq, epoch) of the latest sent
+        self.log_shipper: LogShipper | None = None
 
     # -- storage keys --------------------------------------------------------------------------
     def checkpoint_key(self, name: str) -> str:
@@ -3172,18 +3512,68 @@ class Job:
 
     def send_validation_result(self, epoch: int, result: ValidationResult, *,
                                is_best: bool = False, checkpoint_path: str | None = None,
-                               split: str | None = None) -> None:
+                               split: str | None = None) -> int:
         body = {"epoch": epoch, **dataclasses.asdict(result), "is_best": is_best,
                 "checkpoint_path": checkpoint_path,
                 "source": "evaluate" if self.kind == "evaluate" else "train",
                 "split": split or getattr(self.cfg, "split", None) or "val"}
-        self.callbacks.send("POST", "validation-results", body)
+        seq = self.callbacks.send("POST", "validation-results", body)
+        self.last_validation = (seq, epoch)
+        return seq
+
+    def send_validation_image_results(self, records: Sequence[Mapping[str, Any]], *,
+                                      split: str = "val") -> int:
+        """Per-image results of the latest validation sent (`POST /validation-image-results`).
+
+        `records`: one per validated image (`classification_image_record`,
+        `detection_image_record`, or a dict with the contract's fields plus `image_file`, the
+        local image). At most VAL_IMAGE_RESULTS_MAX are chosen (`select_image_results`), their
+        images uploaded in the background under artifacts/job-{id}/validation-images/{split}/,
+        and sent in lists of IMAGE_RESULTS_PER_CALL once the backend has answered the
+        validation with its `validation_result_id`. Returns how many were queued.
+        """
+        limit = getattr(self.cfg, "val_image_results_max", 200)  # a script without the setting
+        if not self.is_main or not limit or not records or self.last_validation is None:
+            return 0
+        after_seq, epoch = self.last_validation
+        chosen = []
+        for record in select_image_results(records, limit):
+            record = dict(record)
+            image = Path(record.pop("image_file"))
+            key = self.artifact_key(f"validation-images/{split}/{record['image_name']}")
+            chosen.append({"epoch": epoch, **record,
+                           "image_path": self.upload(image, key, background=True)})
+        for start in range(0, len(chosen), IMAGE_RESULTS_PER_CALL):
+            self.callbacks.send_follow_up("validation-image-results",
+                                          chosen[start:start + IMAGE_RESULTS_PER_CALL],
+                                          after_seq=after_seq)
+        log.info("%d per-image validation result(s) queued (of %d images)", len(chosen),
+                 len(records))
+        return len(chosen)
+
+    def ship_logs(self) -> LogShipper | None:
+        """Send the job's own log lines to `POST /logs` (main process, with a backend only)."""
+        if not self.is_main or not self.callbacks.base_url:
+            return None
+        self.log_shipper = LogShipper(self.callbacks, self.cfg.secret_values(),
+                                      lambda: self.current_epoch)
+        logging.getLogger("trainer").addHandler(self.log_shipper)
+        return self.log_shipper
+
+    def stop_shipping_logs(self, timeout: float) -> None:
+        """Detach the log lane after giving it what is left of the exit's budget."""
+        shipper, self.log_shipper = self.log_shipper, None
+        if shipper is not None:
+            logging.getLogger("trainer").removeHandler(shipper)
+            shipper.drain(timeout)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         self.tracker.log_metrics(metrics, step)
 
-    def start_epoch(self) -> None:
+    def start_epoch(self, epoch: int | None = None) -> None:
         self._epoch_started = time.monotonic()
+        if epoch is not None:
+            self.current_epoch = epoch
 
     def end_epoch(self, epoch: int, total_epochs: int, training: TrainingMetrics,
                   validation: ValidationResult | None = None, *, checkpoint: Path | None = None,
@@ -3198,6 +3588,7 @@ class Job:
         `weights(source, dest)` writes its weights-only form (see `publish_checkpoint`).
         """
         self.check_finite(epoch, training, validation, checkpoint=checkpoint)
+        self.current_epoch = epoch
         elapsed = (time.monotonic() - self._epoch_started) if epoch_time_s is None else epoch_time_s
         self._epoch_times.append(elapsed)
         mean = sum(self._epoch_times[-5:]) / len(self._epoch_times[-5:])
@@ -3465,6 +3856,7 @@ class Job:
         self.notify_status(outcome, error, **fields)
         self._upload_journal(deadline)
         self.callbacks.close(max(deadline - time.monotonic(), 0.1))
+        self.stop_shipping_logs(deadline - time.monotonic())  # logs: what the events left
         self.uploads.close(0.1)
 
 
@@ -3645,6 +4037,7 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
         _report_config_error(exc, environ)
         return exc.exit_code
     _active_job = job
+    job.ship_logs()
     log.info("%s job %s (%s%s), work dir %s", kind, job.job_id, framework,
              "; no JOB_ID: a new local job" if job.id_generated else "", job.work_dir)
     log.debug("settings: %s", cfg.redacted())
@@ -3695,6 +4088,7 @@ def run_job(kind: str, settings: Sequence[Setting], work: Callable[[Job], JobRes
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         job.release_work_dir()
+        job.stop_shipping_logs(0)  # finish gave it its time; a finish that raised did not
         _active_job = None
         log.info("%s job %s %s in %.1f s (exit %d)", kind, job.job_id, outcome,
                  time.monotonic() - started, code)

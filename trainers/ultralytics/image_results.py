@@ -1,0 +1,97 @@
+"""Per-image results of a validation, for the platform's per-image view
+(`POST /validation-image-results`, contract section 3; how the images are chosen: docs/ui-views.md).
+
+Ultralytics' validator keeps no per-image record (its batches are letterboxed and its
+predictions kept at conf 0.001 for the mAP sweep), so the validated model is run once more with
+`predict` over the split: boxes in the original image's pixels, at the confidence a person
+reads (PREDICT_CONF), and the same code path as predict.py. It costs a second pass over the
+split, bounded: at most PREDICTED_PER_RESULT x VAL_IMAGE_RESULTS_MAX images, evenly spaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import utils
+
+log = logging.getLogger(f"trainer.{__name__}")
+
+PREDICT_CONF = 0.25  # Ultralytics' own predict default: the boxes a person would be shown
+PREDICTED_PER_RESULT = 5  # images predicted per result sent: mistakes are found among them
+
+
+def send(job: utils.Job, weights: Path, task: str, split_path: Path, class_names: list[str], *,
+         split: str, imgsz: int, device: Any) -> int:
+    """Predict the split with `weights` and send the per-image results of the latest validation.
+    Returns how many were queued."""
+    limit = job.cfg.get("VAL_IMAGE_RESULTS_MAX")
+    if not job.is_main or not limit or not weights.is_file():
+        return 0
+    from data import find_images
+
+    found = find_images(split_path)
+    step = max(len(found) / (PREDICTED_PER_RESULT * limit), 1.0)
+    indices = [int(i * step) for i in range(min(len(found), PREDICTED_PER_RESULT * limit))]
+    # A split given as a .txt list (bad images skipped) names images by their common folder.
+    base = split_path if split_path.is_dir() else Path(os.path.commonpath(found)).parent
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights), task=task)
+    records = []
+    with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints its progress to stdout
+        for index in indices:
+            image = found[index]
+            [result] = model.predict(str(image), imgsz=imgsz, conf=PREDICT_CONF, device=device,
+                                     verbose=False, save=False)
+            name = image.relative_to(base).as_posix()
+            records.append(record(task, index, image, name, result, class_names))
+    return job.send_validation_image_results(records, split=split)
+
+
+def record(task: str, index: int, image: Path, name: str, result: Any,
+           class_names: list[str]) -> dict[str, Any]:
+    if task == "classify":
+        probs = result.probs
+        true_id = class_names.index(image.parent.name)
+        return utils.classification_image_record(
+            index, image, name, true_id, list(probs.top5), [float(c) for c in probs.top5conf],
+            class_names)
+    height, width = result.orig_shape
+    predicted = [(int(c), *xyxy, float(conf)) for c, xyxy, conf in zip(
+        result.boxes.cls.tolist(), result.boxes.xyxy.tolist(), result.boxes.conf.tolist(),
+        strict=True)]
+    entry = utils.detection_image_record(index, image, name, true_boxes(image, width, height),
+                                         predicted, class_names)
+    if task == "segment":  # masks are not written: the boxes, for now, under extra_data
+        boxes = {key: entry.pop(key) for key in ("true_boxes", "predicted_boxes", "iou")}
+        entry.update(true_mask_path=None, predicted_mask_path=None, extra_data=boxes)
+    return entry
+
+
+def true_boxes(image: Path, width: int, height: int) -> list[tuple[float, ...]]:
+    """The image's YOLO label (`images/` -> `labels/`, `.txt`) as pixel boxes; a polygon
+    (segmentation) gives its bounds."""
+    parts = list(image.parts)
+    if "images" in parts:
+        at = len(parts) - 1 - parts[::-1].index("images")
+        parts[at] = "labels"
+    label = Path(*parts).with_suffix(".txt")
+    boxes = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in label.read_text(encoding="utf-8").splitlines():
+            values = [float(v) for v in line.split()]
+            if len(values) == 5:
+                _, cx, cy, w, h = values
+                x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+            elif len(values) > 5:
+                xs, ys = values[1::2], values[2::2]
+                x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+            else:
+                continue
+            boxes.append((int(values[0]), x1 * width, y1 * height, x2 * width, y2 * height))
+    return boxes
