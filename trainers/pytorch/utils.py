@@ -2397,6 +2397,29 @@ def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction
                            skeleton, split_source)
 
 
+def platform_annotations_layout(*task_types: str) -> DatasetLayout:
+    """The platform_annotations layout as a trainer offers it: for the tasks it trains."""
+    layout = DATASET_LAYOUTS["platform_annotations"]
+    return dataclasses.replace(layout, task_types=task_types or layout.task_types)
+
+
+def platform_items(dataset: PlatformDataset, split: str,
+                   class_names: Sequence[str]) -> list[tuple[Path, int]]:
+    """A classification split as (image, class id in `class_names`), matched by class name.
+    Images without a class (negatives, unlabelled) are left out, with one log line."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(dataset.class_names) - set(index))
+    images = dataset.split(split)
+    used = [image for image in images if image.label is not None]
+    if unknown and any(dataset.class_names[image.label] in unknown for image in used):
+        raise DatasetError(f"{dataset.annotation_file.name}: classes {', '.join(unknown[:5])} "
+                           f"are not among the model's ({', '.join(list(class_names)[:10])})")
+    if len(used) < len(images):
+        log.info("%s: %d %s image(s) without a class left out (negatives or unlabelled)",
+                 dataset.annotation_file.name, len(images) - len(used), split)
+    return [(image.path, index[dataset.class_names[image.label]]) for image in used]
+
+
 def dataset_format_error(root: Path, layouts: Sequence[DatasetLayout]) -> DatasetError:
     """One line for a dataset in no accepted format: what was found and every format accepted."""
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()
