@@ -10,12 +10,17 @@ Sections, top to bottom:
                               the variables read outside the settings table (OUTSIDE_ENV).
 3. Capabilities manifest   -- what a trainer can do (capabilities.json) and the platform's
                               pre-launch job validator, `validate_job_settings` (platform-side
-                              code, vendored on purpose: see the section's header).
+                              code, vendored on purpose: see the section's header); the typed
+                              framework options (EXTRA_ARGS) and presets (PRESET).
 4. Storage                 -- MinIO / R2 / S3 / local: one bucket's objects.
-5. Dataset staging         -- archive checks, ranged parallel download + extraction, the
-                              ETag-keyed cache, prediction inputs, files written atomically.
-6. Background delivery     -- one ordered worker thread used by callbacks, uploads and MLflow.
-7. Callbacks               -- status / training-metrics / validation-results to the backend.
+5. Dataset staging         -- archive checks, ranged parallel download + extraction, folder
+                              datasets, the version-keyed cache, prediction inputs; the image
+                              safety policy; the platform's annotation format; which checkpoints
+                              may run code when loaded; files written atomically.
+6. Background delivery     -- ordered worker threads with total deadlines: callbacks, uploads,
+                              MLflow.
+7. Callbacks               -- status / training-metrics / validation-results to the backend;
+                              the job's log lines (POST /logs) and per-image validation results.
 8. MLflow                  -- one run per job, best-effort, never stalls training; a null
                               tracker when tracking is off.
 9. Job lifecycle           -- `run_job`: settings -> running -> work -> completed | failed.
