@@ -1970,6 +1970,22 @@ def _key_problem(key: str, prefix: str) -> str | None:
     return None
 
 
+def folder_object_key(image: Path) -> str | None:
+    """The storage key an image of a staged dataset *folder* came from, or None (an archive's
+    member, or a file outside the dataset cache): the cache entry's marker names the prefix,
+    and the entry's `data/` mirrors the keys under it."""
+    image = Path(image).resolve()
+    for entry in image.parents:
+        marker = entry / "complete.json"
+        if marker.is_file():
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                found = json.loads(marker.read_text(encoding="utf-8"))
+                if found.get("manifest_digest") and image.is_relative_to(entry / "data"):
+                    return found["key"] + image.relative_to(entry / "data").as_posix()
+            return None
+    return None
+
+
 _FOLDER_THREADS = 32  # objects fetched at once from a dataset folder (small files: latency-bound)
 
 
@@ -4045,7 +4061,8 @@ class Job:
         `records`: one per validated image (`classification_image_record`,
         `detection_image_record`, or a dict with the contract's fields plus `image_file`, the
         local image). At most VAL_IMAGE_RESULTS_MAX are chosen (`select_image_results`), their
-        images uploaded in the background under artifacts/job-{id}/validation-images/{split}/,
+        images uploaded in the background under artifacts/job-{id}/validation-images/{split}/
+        (a folder dataset's images are referenced by their own keys instead),
         and sent in lists of IMAGE_RESULTS_PER_CALL once the backend has answered the
         validation with its `validation_result_id`. Returns how many were queued.
         """
@@ -4057,9 +4074,13 @@ class Job:
         for record in select_image_results(records, limit):
             record = dict(record)
             image = Path(record.pop("image_file"))
-            key = self.artifact_key(f"validation-images/{split}/{record['image_name']}")
-            chosen.append({"epoch": epoch, **record,
-                           "image_path": self.upload(image, key, background=True)})
+            own = folder_object_key(image)  # a folder dataset's image is already in the bucket
+            if own is not None:
+                image_path = self.storage.uri(own)
+            else:  # an archive's member: uploaded once, where the UI can fetch it
+                key = self.artifact_key(f"validation-images/{split}/{record['image_name']}")
+                image_path = self.upload(image, key, background=True)
+            chosen.append({"epoch": epoch, **record, "image_path": image_path})
         for start in range(0, len(chosen), IMAGE_RESULTS_PER_CALL):
             self.callbacks.send_follow_up("validation-image-results",
                                           chosen[start:start + IMAGE_RESULTS_PER_CALL],

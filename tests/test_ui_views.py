@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,26 @@ def test_ultralytics_train_fills_the_per_image_view(tmp_path, s3, backend, task,
     if task == "segment":
         assert all(r["true_mask_path"] is None and r["extra_data"]["true_boxes"]
                    for r in results)
+
+
+@pytest.mark.slow
+def test_a_folder_datasets_images_are_referenced_by_their_own_keys(tmp_path, s3, backend):
+    """A folder dataset's images are in the bucket already: `image_path` is each one's own key,
+    and nothing is copied under validation-images/."""
+    archive = sample_zip("pytorch", tmp_path / "data", "--train", "4", "--val", "3")
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            if not name.endswith("/"):
+                s3.client.put_object(Bucket=s3.bucket, Key=f"datasets/folder-ds/{name}",
+                                     Body=zf.read(name))
+    env = trainer_env(s3, backend, tmp_path, archive, "pt-folder", IMAGE_SIZE="32",
+                      BATCH_SIZE="4", DATASET_ID="folder-ds")
+    run_trainer("pytorch", "train.py", env)
+    [call] = [c for c in backend.calls if c.route == "validation-image-results"
+              and c.body[0]["job_id"] == "pt-folder"]
+    for result in call.body:
+        key = result["image_path"].removeprefix(f"s3://{s3.bucket}/")
+        assert key.startswith("datasets/folder-ds/") and key.endswith(result["image_name"]), key
+        assert s3.get_bytes(key)[:4] == b"\x89PNG"
+    listed = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="artifacts/job-pt-folder/")
+    assert not [o["Key"] for o in listed.get("Contents", []) if "validation-images" in o["Key"]]
