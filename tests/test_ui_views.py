@@ -372,8 +372,21 @@ def test_ultralytics_train_fills_the_per_image_view(tmp_path, s3, backend, task,
             "WORK_DIR": str(tmp_path / "yolo-eval"), "VAL_IMAGE_RESULTS_MAX": "2"})
         assert len(check_image_results(s3, backend, "yolo-eval", DETECTION)) == 2
     if task == "segment":
-        assert all(r["true_mask_path"] is None and r["extra_data"]["true_boxes"]
-                   for r in results)
+        import io
+
+        import numpy as np
+
+        for result in results:
+            assert result["extra_data"]["true_boxes"]
+            for field, folder in (("true_mask_path", "true"), ("predicted_mask_path",
+                                                              "predicted")):
+                key = result[field].removeprefix(f"s3://{s3.bucket}/")
+                assert key.startswith(f"artifacts/job-yolo-segment/validation-masks/val/{folder}/")
+                mask = np.asarray(Image.open(io.BytesIO(s3.get_bytes(key))))
+                assert mask.shape == (128, 128) and mask.max() <= 3  # class id + 1, 0: none
+            true_mask = np.asarray(Image.open(io.BytesIO(s3.get_bytes(
+                result["true_mask_path"].removeprefix(f"s3://{s3.bucket}/")))))
+            assert true_mask.any(), "every sample image holds a shape"
 
 
 @pytest.mark.slow

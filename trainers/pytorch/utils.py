@@ -4060,11 +4060,13 @@ class Job:
 
         `records`: one per validated image (`classification_image_record`,
         `detection_image_record`, or a dict with the contract's fields plus `image_file`, the
-        local image). At most VAL_IMAGE_RESULTS_MAX are chosen (`select_image_results`), their
-        images uploaded in the background under artifacts/job-{id}/validation-images/{split}/
-        (a folder dataset's images are referenced by their own keys instead),
-        and sent in lists of IMAGE_RESULTS_PER_CALL once the backend has answered the
-        validation with its `validation_result_id`. Returns how many were queued.
+        local image, and for segmentation `true_mask_file` / `predicted_mask_file`, local mask
+        images uploaded under validation-masks/ for the records chosen). At most
+        VAL_IMAGE_RESULTS_MAX are chosen (`select_image_results`), their images uploaded in the
+        background under artifacts/job-{id}/validation-images/{split}/ (a folder dataset's
+        images are referenced by their own keys instead), and sent in lists of
+        IMAGE_RESULTS_PER_CALL once the backend has answered the validation with its
+        `validation_result_id`. Returns how many were queued.
         """
         limit = getattr(self.cfg, "val_image_results_max", 200)  # a script without the setting
         if not self.is_main or not limit or not records or self.last_validation is None:
@@ -4080,6 +4082,13 @@ class Job:
             else:  # an archive's member: uploaded once, where the UI can fetch it
                 key = self.artifact_key(f"validation-images/{split}/{record['image_name']}")
                 image_path = self.upload(image, key, background=True)
+            for field, folder in (("true_mask", "true"), ("predicted_mask", "predicted")):
+                mask = record.pop(f"{field}_file", None)  # segmentation: a local mask image
+                if mask is not None:
+                    name = PurePosixPath(record["image_name"]).with_suffix(".png").as_posix()
+                    record[f"{field}_path"] = self.upload(
+                        Path(mask), self.artifact_key(f"validation-masks/{split}/{folder}/{name}"),
+                        background=True)
             chosen.append({"epoch": epoch, **record, "image_path": image_path})
         for start in range(0, len(chosen), IMAGE_RESULTS_PER_CALL):
             self.callbacks.send_follow_up("validation-image-results",

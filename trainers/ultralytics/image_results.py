@@ -49,12 +49,13 @@ def send(job: utils.Job, weights: Path, task: str, split_path: Path, class_names
             [result] = model.predict(str(image), imgsz=imgsz, conf=PREDICT_CONF, device=device,
                                      verbose=False, save=False)
             name = image.relative_to(base).as_posix()
-            records.append(record(task, index, image, name, result, class_names))
+            records.append(record(task, index, image, name, result, class_names,
+                                  mask_dir=job.work_dir / "validation-masks" / split))
     return job.send_validation_image_results(records, split=split)
 
 
 def record(task: str, index: int, image: Path, name: str, result: Any,
-           class_names: list[str]) -> dict[str, Any]:
+           class_names: list[str], mask_dir: Path | None = None) -> dict[str, Any]:
     if task == "classify":
         probs = result.probs
         true_id = class_names.index(image.parent.name)
@@ -67,20 +68,64 @@ def record(task: str, index: int, image: Path, name: str, result: Any,
         strict=True)]
     entry = utils.detection_image_record(index, image, name, true_boxes(image, width, height),
                                          predicted, class_names)
-    if task == "segment":  # masks are not written: the boxes, for now, under extra_data
+    if task == "segment":  # the masks as images (the contract's fields); boxes in extra_data
         boxes = {key: entry.pop(key) for key in ("true_boxes", "predicted_boxes", "iou")}
         entry.update(true_mask_path=None, predicted_mask_path=None, extra_data=boxes)
+        if mask_dir is not None:
+            stem = Path(name).with_suffix(".png")
+            predicted_polygons = [(int(c), xy) for c, xy in zip(
+                result.boxes.cls.tolist(), result.masks.xy if result.masks is not None else [],
+                strict=False)]
+            entry["true_mask_file"] = write_mask(
+                mask_dir / "true" / stem, width, height, true_polygons(image, width, height))
+            entry["predicted_mask_file"] = write_mask(
+                mask_dir / "predicted" / stem, width, height, predicted_polygons)
     return entry
+
+
+def label_file(image: Path) -> Path:
+    """The YOLO label of an image: `images/` -> `labels/`, `.txt`."""
+    parts = list(image.parts)
+    if "images" in parts:
+        at = len(parts) - 1 - parts[::-1].index("images")
+        parts[at] = "labels"
+    return Path(*parts).with_suffix(".txt")
+
+
+def true_polygons(image: Path, width: int, height: int) -> list[tuple[int, list]]:
+    """The image's segmentation label as (class id, polygon in pixels) pairs."""
+    polygons = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in label_file(image).read_text(encoding="utf-8").splitlines():
+            values = [float(v) for v in line.split()]
+            if len(values) > 5:
+                points = [(x * width, y * height) for x, y in zip(values[1::2], values[2::2],
+                                                                  strict=False)]
+                polygons.append((int(values[0]), points))
+    return polygons
+
+
+def write_mask(path: Path, width: int, height: int, polygons: list[tuple[int, Any]]) -> Path:
+    """A class-index mask image (PNG, 0 = background, class id + 1 inside each object), the
+    form the UI overlays on the image; later objects are drawn over earlier ones."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    for class_id, points in polygons:
+        points = [(float(x), float(y)) for x, y in points]
+        if len(points) >= 3:
+            draw.polygon(points, fill=min(class_id + 1, 255))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with utils.atomic_path(path) as tmp:
+        mask.save(tmp, format="PNG")
+    return path
 
 
 def true_boxes(image: Path, width: int, height: int) -> list[tuple[float, ...]]:
     """The image's YOLO label (`images/` -> `labels/`, `.txt`) as pixel boxes; a polygon
     (segmentation) gives its bounds."""
-    parts = list(image.parts)
-    if "images" in parts:
-        at = len(parts) - 1 - parts[::-1].index("images")
-        parts[at] = "labels"
-    label = Path(*parts).with_suffix(".txt")
+    label = label_file(image)
     boxes = []
     with contextlib.suppress(FileNotFoundError):
         for line in label.read_text(encoding="utf-8").splitlines():
