@@ -279,7 +279,8 @@ PLATFORM_SETTINGS: tuple[Setting, ...] = (
 
 # Hyperparameters every trainer's train.py reads; a trainer changes defaults with `with_defaults`.
 TRAIN_SETTINGS: tuple[Setting, ...] = (
-    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True,
+    Setting("DATASET_ID", help="Dataset datasets/{DATASET_ID}.zip, else the folder "
+            "datasets/{DATASET_ID}/.", required=True,
             identifier=True),
     Setting("CHECKPOINT_PATH", help="Resume from an interrupted job's last.pt, or fine-tune from a "
             "finished model (storage key or s3://bucket/key)."),
@@ -300,11 +301,16 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BAD_IMAGES", "int", 0, "Unreadable, truncated or oversized images skipped (with "
             "one warning listing them) before the dataset check fails.", minimum=0,
             group="advanced"),
+    Setting("VAL_FRACTION", "float", 0.2, "Platform annotations without a split: the share of "
+            "images drawn for val.", minimum=0, maximum=0.9, group="advanced"),
+    Setting("SPLIT_SEED", "int", 42, "Platform annotations without a split: the seed of the "
+            "split, the same on every run.", group="advanced"),
 )
 
 EVALUATE_SETTINGS: tuple[Setting, ...] = (
     Setting("CHECKPOINT_PATH", help="The checkpoint to evaluate.", required=True),
-    Setting("DATASET_ID", help="Dataset archive datasets/{DATASET_ID}.zip.", required=True,
+    Setting("DATASET_ID", help="Dataset datasets/{DATASET_ID}.zip, else the folder "
+            "datasets/{DATASET_ID}/.", required=True,
             identifier=True),
     Setting("SPLIT", default="val", help="Dataset split to evaluate.", choices=("val", "test")),
     Setting("BATCH_SIZE", "int", 16, "Images per batch.", minimum=1),
@@ -313,6 +319,10 @@ EVALUATE_SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BAD_IMAGES", "int", 0, "Unreadable, truncated or oversized images skipped (with "
             "one warning listing them) before the dataset check fails.", minimum=0,
             group="advanced"),
+    Setting("VAL_FRACTION", "float", 0.2, "Platform annotations without a split: the share of "
+            "images drawn for val.", minimum=0, maximum=0.9, group="advanced"),
+    Setting("SPLIT_SEED", "int", 42, "Platform annotations without a split: the seed of the "
+            "split, the same on every run.", group="advanced"),
 )
 
 PREDICT_SETTINGS: tuple[Setting, ...] = (
@@ -796,6 +806,12 @@ DATASET_LAYOUTS = {
         "yolo", ("object_detection", "instance_segmentation", "pose_estimation"),
         "data.yaml with names, train, val and optional test (paths relative to the extracted "
         "folder); one labels/*.txt per image"),
+    "platform_annotations": DatasetLayout(
+        "platform_annotations", ("object_detection", "instance_segmentation",
+                                 "semantic_segmentation", "pose_estimation",
+                                 "image_classification"),
+        "the platform's own format: annotations_<task>.json (or annotations.json), COCO-style or "
+        "nested format_version 1.0, beside images/; the split inside the file"),
 }
 
 
@@ -1445,6 +1461,25 @@ class Storage:
             raise self._error(exc, bucket, key, "reading") from exc
         return ObjectInfo(key, int(meta["ContentLength"]), meta["ETag"].strip('"'))
 
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under `prefix` with its size and ETag (local: size and mtime)."""
+        bucket, prefix = self.split(prefix)
+        if self.kind == "local":
+            root = self.local_file(prefix)
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            return [ObjectInfo(p.relative_to(self.local_root).as_posix(), st.st_size,
+                               f"{st.st_size}-{st.st_mtime_ns}")
+                    for p in files for st in (p.stat(),)]
+        objects: list[ObjectInfo] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix):
+                objects.extend(ObjectInfo(obj["Key"], int(obj["Size"]), obj["ETag"].strip('"'))
+                               for obj in page.get("Contents", []))
+        except Exception as exc:
+            raise self._error(exc, bucket, prefix, "listing") from exc
+        return objects
+
     def download(self, path: str, dest: Path, *, size: int | None = None) -> Path:
         """Fetch an object to `dest` atomically (a partial download never looks complete)."""
         bucket, key = self.split(path)
@@ -1803,21 +1838,143 @@ def _fetch_and_extract(storage: Storage, key: str, size: int, entry: Path, *, la
 
 def stage_dataset(storage: Storage, dataset_id: str, cache_dir: Path,
                   disk_budget_mb: int | None = None) -> Path:
+    """Stage `datasets/{id}.zip`, else the folder `datasets/{id}/`, into the cache; its root.
+
+    The archive wins when both exist. See `stage_dataset_version`, which also returns the
+    version staged (the archive's ETag, or the digest of the folder's manifest).
+    """
+    return stage_dataset_version(storage, dataset_id, cache_dir, disk_budget_mb)[0]
+
+
+def stage_dataset_version(storage: Storage, dataset_id: str, cache_dir: Path,
+                          disk_budget_mb: int | None = None) -> tuple[Path, str]:
+    """(the staged dataset's root, its version): the archive, else the folder (`stage_folder`)."""
+    check_identifier("DATASET_ID", dataset_id)
+    key, prefix = f"datasets/{dataset_id}.zip", f"datasets/{dataset_id}/"
+    try:
+        info = storage.head(key)
+    except StorageError as missing:
+        if "not found" not in str(missing):
+            raise
+        objects = storage.list_objects(prefix)
+        if not objects:
+            raise StorageError(f"{missing} (nor the folder {storage.uri(prefix)})") from None
+        return stage_folder(storage, dataset_id, prefix, objects, cache_dir, disk_budget_mb)
+    return _stage_archive(storage, dataset_id, info, cache_dir, disk_budget_mb)
+
+
+def _key_problem(key: str, prefix: str) -> str | None:
+    """Why an object of a dataset folder may not be written under the cache, or None."""
+    if not key.startswith(prefix):
+        return "outside the prefix"
+    name = key[len(prefix):].replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "a '..' path"
+    return None
+
+
+_FOLDER_THREADS = 32  # objects fetched at once from a dataset folder (small files: latency-bound)
+
+
+def stage_folder(storage: Storage, dataset_id: str, prefix: str, objects: Sequence[ObjectInfo],
+                 cache_dir: Path, disk_budget_mb: int | None = None) -> tuple[Path, str]:
+    """Stage a dataset folder (an object prefix): many objects fetched at once, each large one
+    in parallel ranged GETs (`_RangedDownload`: its retries and resumption), one progress bar.
+
+    The cache entry is keyed by a digest of the folder's manifest (every key, size and ETag): a
+    retried job with an unchanged folder downloads nothing, and any changed object re-stages it.
+    Keys are checked like an archive's members before anything is fetched.
+    """
+    label = storage.uri(prefix)
+    for obj in objects:
+        problem = _key_problem(obj.key, prefix)
+        if problem:
+            raise DatasetError(f"{label} is unsafe: key {obj.key!r} is {problem}")
+    files = sorted((o for o in objects if not o.key.endswith("/")), key=lambda o: o.key)
+    manifest = [[o.key[len(prefix):], o.size, o.etag] for o in files]
+    digest = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()[:32]
+    entry = cache_dir / "datasets" / dataset_id / f"folder-{digest}"
+    marker = entry / "complete.json"
+    if marker.is_file():
+        root = entry / json.loads(marker.read_text())["root"]
+        log.info("dataset %s: cache hit (%s)", dataset_id, root)
+        return root, digest
+    if entry.exists():
+        shutil.rmtree(entry)  # a previous attempt died half-way
+    total = sum(o.size for o in files)
+    log.info("dataset %s: staging %s (%d objects, %.1f MB)", dataset_id, label, len(files),
+             total / 2**20)
+    entry.mkdir(parents=True)
+    free = _free_bytes(entry, disk_budget_mb)
+    if total > free:
+        raise DatasetError(f"not enough disk space for {label}: {total / 2**20:.0f} MB needed, "
+                           f"{free / 2**20:.0f} MB free in {entry}")
+    started = time.monotonic()
+    dest = entry / "data"
+    progress = _Progress(f"download {prefix}", total)
+    try:
+        _fetch_objects(storage, files, prefix, dest, progress)
+    finally:
+        progress.close()
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    root = dataset_root(dest)
+    marker.write_text(json.dumps({"root": root.relative_to(entry).as_posix(), "key": prefix,
+                                  "manifest_digest": digest}))
+    log.info("dataset %s: %d objects, %.1f MB staged in %.1f s -> %s", dataset_id, len(files),
+             total / 2**20, time.monotonic() - started, root)
+    return root, digest
+
+
+def _fetch_objects(storage: Storage, files: Sequence[ObjectInfo], prefix: str, dest: Path,
+                   progress: _Progress) -> None:
+    """Every object into `dest`, `_FOLDER_THREADS` at a time; the first failure stops the rest."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    for folder in {(dest / o.key[len(prefix):]).parent for o in files}:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def fetch(obj: ObjectInfo) -> None:
+        target = dest / obj.key[len(prefix):]
+        if storage.kind == "local":
+            shutil.copyfile(storage.local_file(obj.key), target)
+            progress.update(obj.size)
+            return
+        download = _RangedDownload(storage, obj.key, obj.size, target, progress)
+        try:
+            if obj.size > _PART_BYTES:
+                download.start(obj.size)
+                download.wait_for(0, obj.size)
+            else:
+                download.fetch(0, obj.size)
+        finally:
+            download.close()
+
+    with ThreadPoolExecutor(max_workers=_FOLDER_THREADS, thread_name_prefix="stage") as pool:
+        futures = [pool.submit(fetch, obj) for obj in files]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            future.result()  # raises the first failure
+
+
+def _stage_archive(storage: Storage, dataset_id: str, info: ObjectInfo, cache_dir: Path,
+                   disk_budget_mb: int | None = None) -> tuple[Path, str]:
     """Download `datasets/{id}.zip`, extract it safely into the cache, return its root.
 
     The cache is keyed by the object's ETag: a retried job on the same machine (same cache dir)
     skips both the download and the extraction, and a changed object is fetched again. From S3
     the members are extracted while the archive downloads (`_fetch_and_extract`).
     """
-    check_identifier("DATASET_ID", dataset_id)
-    key = f"datasets/{dataset_id}.zip"
-    info = storage.head(key)
+    key = info.key
     entry = cache_dir / "datasets" / dataset_id / re.sub(r"[^\w.-]", "_", info.etag)
     marker = entry / "complete.json"
     if marker.is_file():
         root = entry / json.loads(marker.read_text())["root"]
         log.info("dataset %s: cache hit (%s)", dataset_id, root)
-        return root
+        return root, info.etag
     if entry.exists():
         shutil.rmtree(entry)  # a previous attempt died half-way
     log.info("dataset %s: staging %s (%.1f MB)", dataset_id, storage.uri(key), info.size / 2**20)
@@ -1846,7 +2003,7 @@ def stage_dataset(storage: Storage, dataset_id: str, cache_dir: Path,
                                   "etag": info.etag}))
     log.info("dataset %s: %.1f MB staged in %.1f s -> %s", dataset_id, info.size / 2**20,
              time.monotonic() - started, root)
-    return root
+    return root, info.etag
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -1992,6 +2149,277 @@ def stage_inputs(storage: Storage, input_path: str, dest: Path) -> list[Path]:
     if not images:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {input_path}")
     return images
+
+
+# -- platform annotations: the platform's own dataset format (contract §2a) -------------------
+# Read here, once for every trainer, into plain records (`PlatformDataset`); each trainer's
+# data.py writes them in its framework's layout. Hand-written rather than pycocotools: the
+# platform writes polygons, never RLE, and pycocotools would be a compiled dependency in every
+# trainer for a JSON walk that is also where the contract's checks and messages live.
+
+ANNOTATION_FILES = {
+    "object_detection": "annotations_detection.json",
+    "instance_segmentation": "annotations_segmentation.json",
+    "semantic_segmentation": "annotations_segmentation.json",
+    "pose_estimation": "annotations_pose.json",
+    "image_classification": "annotations_classification.json",
+}
+ANNOTATIONS_FALLBACK = "annotations.json"
+BACKGROUND_CLASS = "__background__"
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotatedObject:
+    class_id: int  # 0-based; __background__ is not a class
+    bbox: tuple[float, float, float, float]  # x, y, w, h in pixels, clipped to the image
+    polygons: tuple[tuple[float, ...], ...] = ()  # each (x1, y1, x2, y2, ...) in pixels
+    keypoints: tuple[tuple[float, float, int], ...] = ()  # (x, y, v) per keypoint, v 0/1/2
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotatedImage:
+    id: str  # the image's id as a string
+    path: Path  # absolute local file
+    file_name: str  # relative to images/
+    width: int
+    height: int
+    split: str  # "train" | "val" | "test"
+    objects: tuple[AnnotatedObject, ...] = ()
+    label: int | None = None  # classification: the class id
+
+
+@dataclasses.dataclass(frozen=True)
+class PlatformDataset:
+    annotation_file: Path
+    task_type: str
+    class_names: tuple[str, ...]
+    images: tuple[AnnotatedImage, ...]
+    keypoint_names: tuple[str, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()  # 0-based index pairs
+    split_source: str = ""  # "split_config" | "per-image" | "seeded"
+
+    def split(self, name: str) -> list[AnnotatedImage]:
+        return [image for image in self.images if image.split == name]
+
+    def split_counts(self) -> dict[str, int]:
+        return {name: len(self.split(name)) for name in ("train", "val", "test")}
+
+
+def find_platform_annotations(root: Path, task_type: str | None) -> Path | None:
+    """The task's annotation file at the dataset's root, else `annotations.json`, else None.
+    Without a task, the first of the task files found."""
+    names = ([ANNOTATION_FILES[task_type]] if task_type in ANNOTATION_FILES
+             else list(dict.fromkeys(ANNOTATION_FILES.values())))
+    for name in [*names, ANNOTATIONS_FALLBACK]:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _load_annotation_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{file.name}: malformed JSON ({exc.msg} at line {exc.lineno} "
+                           f"column {exc.colno})") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DatasetError(f"{file.name}: unreadable ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{file.name}: not platform annotations (expected a JSON object with "
+                           "an 'images' list)")
+    return data
+
+
+def _image_file(root: Path, file: Path, image_id: str, file_name: Any) -> tuple[Path, str]:
+    if not isinstance(file_name, str) or not file_name:
+        raise DatasetError(f"{file.name}: image {image_id} has no file_name")
+    name = file_name.replace("\\", "/")
+    name = name[len("images/"):] if name.startswith("images/") else name
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        raise DatasetError(f"{file.name}: image {image_id} file_name {file_name!r} leaves "
+                           "images/: refused")
+    path = root / "images" / name
+    if not path.is_file():
+        raise DatasetError(f"{file.name}: image {image_id} ({file_name}) is not in the dataset")
+    return path, name
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def _clip_box(box: Any, width: int, height: int) -> tuple[tuple[float, float, float, float] | None,
+                                                          bool]:
+    """(the box clipped to the image or None when nothing is left, whether it was clipped)."""
+    x, y, w, h = (float(v) for v in box)
+    x0, y0 = max(0.0, x), max(0.0, y)
+    x1, y1 = min(float(width), x + w), min(float(height), y + h)
+    clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
+    if x1 <= x0 or y1 <= y0:
+        return None, clipped
+    return (x0, y0, x1 - x0, y1 - y0), clipped
+
+
+def _seeded_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """The same on every run and machine: a shuffle of the sorted ids by a seeded generator."""
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    count = round(len(order) * val_fraction)
+    if val_fraction > 0 and len(order) > 1:
+        count = min(max(count, 1), len(order) - 1)
+    return {image_id: "val" if i < count else "train" for i, image_id in enumerate(order)}
+
+
+def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction: float = 0.2,
+                              split_seed: int = 42) -> PlatformDataset:
+    """The dataset at `root` read from its platform annotation file (both variants), checked.
+
+    Bad annotations raise DatasetError with one line naming the file and the id; boxes reaching
+    outside their image are clipped and zero-area ones dropped, with one warning counting each.
+    """
+    file = find_platform_annotations(root, task_type)
+    if file is None:
+        raise DatasetError(f"no platform annotation file in {root.name}/ (expected "
+                           f"{ANNOTATION_FILES.get(task_type or '', 'annotations_<task>.json')} "
+                           f"or {ANNOTATIONS_FALLBACK})")
+    data = _load_annotation_json(file)
+    task = task_type or str(data.get("task_type") or "")
+    categories = data.get("categories", data.get("classes"))
+    if not isinstance(categories, list):
+        raise DatasetError(f"{file.name}: no 'categories' (or 'classes') list")
+    class_of: dict[str, int | None] = {}  # category id -> class id; None: __background__
+    class_names: list[str] = []
+    keypoint_names: tuple[str, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()
+    for position, category in enumerate(categories):
+        if not isinstance(category, dict) or "name" not in category:
+            raise DatasetError(f"{file.name}: category #{position} has no name")
+        cat_id = str(category.get("id", position))
+        if category["name"] == BACKGROUND_CLASS:
+            class_of[cat_id] = None
+            continue
+        class_of[cat_id] = len(class_names)
+        class_names.append(str(category["name"]))
+        if category.get("keypoints") and not keypoint_names:
+            keypoint_names = tuple(str(k) for k in category["keypoints"])
+            pairs = category.get("skeleton") or []
+            if any(not (1 <= int(a) <= len(keypoint_names) and 1 <= int(b) <= len(keypoint_names))
+                   for a, b in pairs):
+                raise DatasetError(f"{file.name}: category {cat_id} skeleton names a keypoint "
+                                   f"outside 1..{len(keypoint_names)}")
+            skeleton = tuple((int(a) - 1, int(b) - 1) for a, b in pairs)
+
+    nested = "categories" not in data
+    records = data["images"]
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    if nested:
+        for record in records:
+            by_image[str(record.get("id"))] = list(record.get("annotations") or [])
+    else:
+        known = {str(record.get("id")) for record in records if isinstance(record, dict)}
+        for ann in data.get("annotations") or []:
+            image_id = str(ann.get("image_id"))
+            if image_id not in known:
+                raise DatasetError(f"{file.name}: annotation {ann.get('id')} names image "
+                                   f"{image_id}, which the file does not list")
+            by_image.setdefault(image_id, []).append(ann)
+
+    split_config = (data.get("split_config") or {}).get("splits") or {}
+    ids = [str(record.get("id")) for record in records]
+    unknown = sorted(set(map(str, split_config)) - set(ids))
+    if unknown:
+        raise DatasetError(f"{file.name}: split_config names image {unknown[0]}, which the file "
+                           "does not list")
+    seeded = _seeded_split(ids, val_fraction, split_seed)
+    sources: set[str] = set()
+    kpt_count = len(keypoint_names) or None
+    clipped = dropped = 0
+    images: list[AnnotatedImage] = []
+    for record, image_id in zip(records, ids, strict=True):
+        path, name = _image_file(root, file, image_id, record.get("file_name"))
+        width, height = record.get("width"), record.get("height")
+        if not width or not height:
+            width, height = _image_size(path)
+        raw_split = split_config.get(image_id)
+        source = "split_config"
+        if raw_split is None:
+            raw_split, source = record.get("split"), "per-image"
+        if raw_split is None:
+            raw_split, source = seeded[image_id], "seeded"
+        split = SPLIT_ALIASES.get(str(raw_split).lower())
+        if split is None:
+            raise DatasetError(f"{file.name}: image {image_id} has split {raw_split!r} (expected "
+                               "train, val or test)")
+        sources.add(source)
+        objects: list[AnnotatedObject] = []
+        label = None
+        for ann in by_image.get(image_id, []):
+            cat_id = str(ann.get("category_id", ann.get("class_id")))
+            if cat_id not in class_of:
+                raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image {image_id} "
+                                   f"has category id {cat_id}, which no category has")
+            class_id = class_of[cat_id]
+            if class_id is None:
+                continue  # a negative image: kept, with no objects
+            keypoints = ann.get("keypoints") or ()
+            if keypoints:
+                if kpt_count is None:
+                    kpt_count = len(keypoints) // 3
+                if len(keypoints) != 3 * kpt_count:
+                    raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image "
+                                       f"{image_id} has {len(keypoints)} keypoint values, "
+                                       f"expected {3 * kpt_count} ({kpt_count} x, y, v)")
+                keypoints = tuple((float(keypoints[i]), float(keypoints[i + 1]),
+                                   int(keypoints[i + 2])) for i in range(0, len(keypoints), 3))
+            segmentation = ann.get("segmentation") or ()
+            if isinstance(segmentation, dict):
+                raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image {image_id} "
+                                   "has an RLE mask; platform annotations use polygons")
+            polygons = tuple(tuple(float(v) for v in polygon) for polygon in segmentation
+                             if len(polygon) >= 6)
+            box = ann.get("bbox")
+            if box is None and polygons:
+                xs = [v for polygon in polygons for v in polygon[0::2]]
+                ys = [v for polygon in polygons for v in polygon[1::2]]
+                box = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
+            if box is None:  # a classification annotation
+                label = class_id if label is None else label
+                continue
+            if len(box) != 4:
+                raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image {image_id} "
+                                   f"has bbox {box!r} (expected [x, y, w, h])")
+            bbox, was_clipped = _clip_box(box, width, height)
+            if bbox is None:
+                dropped += 1
+                continue
+            clipped += was_clipped
+            objects.append(AnnotatedObject(class_id, bbox, polygons, keypoints))
+        if label is None and task == "image_classification" and objects:
+            label = objects[0].class_id
+        images.append(AnnotatedImage(image_id, path, name, int(width), int(height), split,
+                                     tuple(objects), label))
+    if clipped or dropped:
+        log.warning("%s: %d box(es) reaching outside their image clipped, %d zero-area box(es) "
+                    "dropped", file.name, clipped, dropped)
+    split_source = next((s for s in ("split_config", "per-image", "seeded") if s in sources), "")
+    return PlatformDataset(file, task, tuple(class_names), tuple(images), keypoint_names,
+                           skeleton, split_source)
+
+
+def dataset_format_error(root: Path, layouts: Sequence[DatasetLayout]) -> DatasetError:
+    """One line for a dataset in no accepted format: what was found and every format accepted."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()
+                     if p.name not in _IGNORED_TOP_LEVEL) if root.is_dir() else []
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    accepted = "; ".join(f"{layout.name} ({layout.description})" for layout in layouts)
+    return DatasetError(f"dataset is in no accepted format (found: {shown or 'nothing'}); "
+                        f"accepted: {accepted}")
 
 
 # -- checkpoints: which may run code when loaded ------------------------------------------------
@@ -2766,6 +3194,7 @@ class Job:
             journal, on_cancel=self.cancel_requested.set, ca_bundle=cfg.ca_bundle or None)
         self.uploads = Uploader(self.storage, self.work_dir / ".upload-staging")
         self.tracker: Tracker | NullTracker = NullTracker()  # a real one from start(), if any
+        self.dataset_etag: str | None = None  # the staged dataset's version (stage_dataset)
         self.last_checkpoint: Path | None = None
         self.last_uploaded_epoch: int | None = None
         self.best_checkpoint_uri: str | None = None
@@ -2782,8 +3211,34 @@ class Job:
 
     # -- inputs --------------------------------------------------------------------------------
     def stage_dataset(self, dataset_id: str | None = None) -> Path:
-        return stage_dataset(self.storage, dataset_id or self.cfg.dataset_id, self.cache_dir,
-                             self.cfg.disk_budget_mb)
+        """The dataset staged (`stage_dataset`); its version (archive ETag or folder manifest
+        digest) is kept in `dataset_etag`."""
+        root, self.dataset_etag = stage_dataset_version(
+            self.storage, dataset_id or self.cfg.dataset_id, self.cache_dir,
+            self.cfg.disk_budget_mb)
+        return root
+
+    def read_platform_annotations(self, root: Path, task_type: str | None = None
+                                  ) -> PlatformDataset:
+        """The staged dataset's platform annotations with this job's VAL_FRACTION/SPLIT_SEED."""
+        return read_platform_annotations(
+            root, task_type or getattr(self.cfg, "task_type", None),
+            val_fraction=getattr(self.cfg, "val_fraction", 0.2),
+            split_seed=getattr(self.cfg, "split_seed", 42))
+
+    def record_split(self, dataset: PlatformDataset) -> None:
+        """The split in the run: MLflow params (its source, the counts) and an artifact listing
+        the ids of each split's images."""
+        if not self.is_main:
+            return
+        counts = dataset.split_counts()
+        self.tracker.log_params({"split_source": dataset.split_source,
+                                 **{f"split_{name}_images": n for name, n in counts.items()}})
+        listing = self.work_dir / "split.json"
+        listing.write_text(json.dumps({
+            "annotation_file": dataset.annotation_file.name, "source": dataset.split_source,
+            **{name: [image.id for image in dataset.split(name)] for name in counts}}))
+        self.tracker.log_artifact(listing)
 
     def checkpoint_trust(self, path: str | None = None) -> str | None:
         """Why CHECKPOINT_PATH (or `path`) may run code when loaded, or None (see
