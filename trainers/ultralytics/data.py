@@ -51,16 +51,22 @@ class Dataset:
     class_names: list[str]
     splits: dict[str, Path]  # train, val and test when present
     kpt_shape: tuple[int, int] | None = None  # pose: keypoints per object, values per keypoint
+    annotations: Any = None  # utils.PlatformDataset when converted from platform annotations
 
 
 def prepare_dataset(root: Path, task: str, work_dir: Path, max_bad_images: int = 0, *,
                     val_fraction: float = 0.2, split_seed: int = 42) -> Dataset:
+    annotations = None
     if utils.find_platform_annotations(root, TASK_TYPES[task]) is not None:
-        root = platform_layout(root, task, val_fraction=val_fraction, split_seed=split_seed)
+        annotations = utils.read_platform_annotations(
+            root, TASK_TYPES[task], val_fraction=val_fraction, split_seed=split_seed)
+        root = platform_layout(root, task, annotations)
     if task == "classify":
-        return without_bad_images(image_folders(root), work_dir / "dataset-checked",
-                                  max_bad_images)
-    return yolo_layout(root, work_dir / "data.yaml", max_bad_images, pose=task == "pose")
+        dataset = without_bad_images(image_folders(root), work_dir / "dataset-checked",
+                                     max_bad_images)
+    else:
+        dataset = yolo_layout(root, work_dir / "data.yaml", max_bad_images, pose=task == "pose")
+    return dataclasses.replace(dataset, annotations=annotations)
 
 
 def find_images(path: Path) -> list[Path]:
@@ -260,28 +266,28 @@ def require_split(dataset: Dataset, split: str) -> Path:
 # --- the platform's annotations, converted to what Ultralytics reads ------------------------------
 
 
-def platform_layout(root: Path, task: str, *, val_fraction: float, split_seed: int) -> Path:
-    """The staged dataset's platform annotations as the YOLO layout (or, to classify, as class
-    folders), written once beside it in the cache and reused while nothing it depends on changes.
+def platform_layout(root: Path, task: str, dataset: Any) -> Path:
+    """The staged dataset's platform annotations (`dataset`, a utils.PlatformDataset) as the YOLO
+    layout (or, to classify, as class folders), written once beside it in the cache and reused
+    while the annotation file, its split and this converter stay the same.
 
     The folder is built under a temporary name and renamed into place, so a job killed half-way
     leaves nothing that a retry would take for a finished conversion.
     """
-    file = utils.find_platform_annotations(root, TASK_TYPES[task])
+    file = dataset.annotation_file
     digest = hashlib.sha256(file.read_bytes())
-    digest.update(json.dumps([CONVERTER_VERSION, task, val_fraction, split_seed]).encode())
+    splits = {split: [image.id for image in dataset.split(split)] for split in ("val", "test")}
+    digest.update(json.dumps([CONVERTER_VERSION, task, splits]).encode())
     # A hidden sibling of the dataset's root: in the cache entry of this dataset version, and
     # never inside the dataset, which the reader and the image checks walk.
     target = root.parent / f".{root.name}.ultralytics-{task}-{digest.hexdigest()[:16]}"
-    if target.is_dir():
-        log.info("platform annotations %s: converted layout reused (%s)", file.name, target)
-        return target
-    dataset = utils.read_platform_annotations(root, TASK_TYPES[task], val_fraction=val_fraction,
-                                              split_seed=split_seed)
     for split in ("train", "val"):
         if not dataset.split(split):
             raise utils.DatasetError(f"{file.name}: the {split} split has no images "
                                      f"(splits from {dataset.split_source or 'nowhere'})")
+    if target.is_dir():
+        log.info("platform annotations %s: converted layout reused (%s)", file.name, target)
+        return target
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.converting-", dir=root.parent))
     try:
         if task == "classify":

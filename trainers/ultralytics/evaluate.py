@@ -63,8 +63,10 @@ def run_validation(job: utils.Job):
                     cpu_threads=runtime.cpu_threads(cfg.device))
     device = model.ultralytics_device(cfg.device)
     info = model.inspect_checkpoint(job.fetch_checkpoint(trusted_only=True))
-    dataset = prepare_dataset(job.stage_dataset(), info.task, job.work_dir,
-                              cfg.max_bad_images)
+    dataset = prepare_dataset(job.stage_dataset(), info.task, job.work_dir, cfg.max_bad_images,
+                              val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    if dataset.annotations is not None:
+        job.record_split(dataset.annotations)
     require_split(dataset, cfg.split)
     if dataset.class_names != info.class_names:
         raise utils.DatasetError(f"the dataset's classes {dataset.class_names} differ from the "

@@ -89,7 +89,10 @@ def fit(job: utils.Job):
 
     start = choose_start(job, spec, weights_dir)
     root = distributed.rank_zero_first(job, "dataset", lambda: str(job.stage_dataset()))
-    dataset = prepare_dataset(Path(root), start.task, job.work_dir, cfg.max_bad_images)
+    dataset = prepare_dataset(Path(root), start.task, job.work_dir, cfg.max_bad_images,
+                              val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    if dataset.annotations is not None:
+        job.record_split(dataset.annotations)
     if start.resume and dataset.class_names != start.checkpoint.class_names:
         raise utils.DatasetError(
             f"cannot resume: the checkpoint's classes {start.checkpoint.class_names} differ "
