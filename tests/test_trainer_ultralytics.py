@@ -563,7 +563,8 @@ BAD_INPUTS = {
     "dataset without data.yaml": (
         {"DATASET_ID": "no-yaml"},
         {"no-yaml/images/train/a.jpg": JPEG, "no-yaml/labels/train/a.txt": b"0 .5 .5 .2 .2\n"},
-        contract.EXIT_DATA, "the dataset has no data.yaml"),
+        contract.EXIT_DATA, "dataset is in no accepted format (found: images/, labels/); "
+        "accepted: platform_annotations"),
     "data.yaml naming a missing folder": (
         {"DATASET_ID": "missing-val"},
         {"data.yaml": b"names: [a]\ntrain: images/train\nval: images/nowhere\n",

@@ -11,6 +11,7 @@ unit-tested on their own.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -25,7 +26,13 @@ import pytest
 
 from tests.conftest import clean_environ, import_by_path
 from tests.support.contract import contract
-from tests.support.servers import REPO, MlflowServer, RecordingBackend, S3Server
+from tests.support.servers import (
+    REPO,
+    MlflowServer,
+    RecordingBackend,
+    S3Server,
+    closed_port_url,
+)
 from tests.support.trainer_jobs import EXPORT_SCHEMA, guarded, of_job, run_script, statuses
 
 TRAINER = REPO / "trainers" / "ultralytics"
@@ -339,3 +346,58 @@ def test_pose_from_an_annotation_folder(servers: Servers) -> None:
         metadata = json.loads(zf.read("metadata.json"))
     assert metadata["keypoints"] == {"shape": [4, 3], "names": CORNERS, "skeleton": SKELETON}
     servers.no_network("plat-pose")
+
+
+# --- bad input: one line, `failed`, exit 3, before any training ----------------------------------
+
+
+def zip_of(members: dict[str, bytes | str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def annotations(keypoints: list[int], splits: dict[str, str]) -> str:
+    return json.dumps({
+        "categories": [{"id": 1, "name": "square", "keypoints": ["left", "right"],
+                        "skeleton": [[1, 2]]}],
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 32, "height": 32}
+                   for i in (1, 2)],
+        "annotations": [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10],
+                         "keypoints": keypoints} for i in (1, 2)],
+        "split_config": {"splits": splits}})
+
+
+JPEG = bytes.fromhex("ffd8ffe000104a46494600010100000100010000ffd9")
+BAD_INPUTS = {
+    "pose data.yaml without kpt_shape": (
+        {"data.yaml": "names: [square]\ntrain: images/train\nval: images/val\n",
+         "images/train/a.jpg": JPEG, "images/val/b.jpg": JPEG,
+         "labels/train/a.txt": "0 .5 .5 .2 .2 .1 .1 2\n", "labels/val/b.txt": ""},
+        "data.yaml: pose needs `kpt_shape: [keypoints, 2 or 3]` (found None)"),
+    "keypoints of the wrong length": (
+        {"annotations_pose.json": annotations([1, 1, 2], {"1": "train", "2": "val"}),
+         "images/1.jpg": JPEG, "images/2.jpg": JPEG},
+        "annotations_pose.json: annotation 11 of image 1 has 3 keypoint values, expected 6 (2 x, y, v)"),
+    "a val split without images": (
+        {"annotations_pose.json": annotations([1, 1, 2, 3, 3, 2], {"1": "train", "2": "train"}),
+         "images/1.jpg": JPEG, "images/2.jpg": JPEG},
+        "annotations_pose.json: the val split has no images (splits from split_config)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_pose_datasets_fail_with_one_line(case: str, s3: S3Server, backend: RecordingBackend,
+                                              job_env: dict, tmp_path: Path) -> None:
+    members, reason = BAD_INPUTS[case]
+    s3.put_bytes("datasets/bad.zip", zip_of(members))
+    env = {**job_env, **TINY, "DATASET_ID": "bad", "TASK_TYPE": "pose_estimation",
+           "MLFLOW_TRACKING_URI": closed_port_url()}
+    result = run("train.py", guarded(env, tmp_path / "guard.log"))
+    assert result.returncode == contract.EXIT_DATA, result.stderr[-3000:]
+    assert backend.statuses() == ["running", "failed"]
+    assert backend.bodies("status")[-1]["error"] == reason
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work" / "ultralytics").exists(), "training started"

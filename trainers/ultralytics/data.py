@@ -61,12 +61,23 @@ def prepare_dataset(root: Path, task: str, work_dir: Path, max_bad_images: int =
         annotations = utils.read_platform_annotations(
             root, TASK_TYPES[task], val_fraction=val_fraction, split_seed=split_seed)
         root = platform_layout(root, task, annotations)
+    elif not any((root / name).is_file() for name in YAML_NAMES) and not (
+            root / "train").is_dir():  # neither Ultralytics' layout nor image folders
+        raise no_known_format(root, task)
     if task == "classify":
         dataset = without_bad_images(image_folders(root), work_dir / "dataset-checked",
                                      max_bad_images)
     else:
         dataset = yolo_layout(root, work_dir / "data.yaml", max_bad_images, pose=task == "pose")
     return dataclasses.replace(dataset, annotations=annotations)
+
+
+def no_known_format(root: Path, task: str) -> utils.DatasetError:
+    """What the dataset holds and every format this trainer accepts for the task."""
+    from capabilities import CAPABILITIES
+
+    return utils.dataset_format_error(root, [layout for layout in CAPABILITIES.dataset_layouts
+                                             if TASK_TYPES[task] in layout.task_types])
 
 
 def find_images(path: Path) -> list[Path]:
