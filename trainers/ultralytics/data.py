@@ -321,7 +321,6 @@ def platform_layout(root: Path, task: str, dataset: Any) -> Path:
 
 def link(source: Path, destination: Path) -> None:
     """A hard link (the cache's own file, no copy), or a symbolic one across file systems."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, destination)
     except OSError:
@@ -347,16 +346,16 @@ def write_class_folders(dataset: Any, out: Path) -> None:
     unlabelled = 0
     for split in ("train", "val", "test"):
         images = dataset.split(split)
+        if not images:
+            continue
+        for class_name in dataset.class_names:  # every class in every split it reads
+            (out / split / class_name).mkdir(parents=True)
         names = flat_names(images)
         for image in images:
             if image.label is None:
                 unlabelled += 1
                 continue
             link(image.path, out / split / dataset.class_names[image.label] / names[image.id])
-    for split in ("train", "val", "test"):  # every class in every split Ultralytics reads
-        for class_name in dataset.class_names:
-            if (out / split).is_dir():
-                (out / split / class_name).mkdir(exist_ok=True)
     if unlabelled:
         log.warning("%s: %d image(s) without a class left out", dataset.annotation_file.name,
                     unlabelled)
@@ -375,13 +374,17 @@ def write_yolo(dataset: Any, task: str, out: Path) -> None:
     for split in splits:
         images = dataset.split(split)
         names = flat_names(images)
-        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        image_dir, label_dir = out / "images" / split, out / "labels" / split
+        image_dir.mkdir(parents=True)
+        label_dir.mkdir(parents=True)
         for image in images:
-            link(image.path, out / "images" / split / names[image.id])
-            lines = [label_line(task, o, image.width, image.height, kpt_count)
-                     for o in image.objects]
-            (out / "labels" / split / f"{Path(names[image.id]).stem}.txt").write_text(
-                "".join(line + "\n" for line in lines), encoding="utf-8")
+            name = names[image.id]
+            link(image.path, image_dir / name)
+            if not image.objects:  # no label file: Ultralytics' background image
+                continue
+            with open(label_dir / f"{name.rsplit('.', 1)[0]}.txt", "w", encoding="utf-8") as fh:
+                fh.write("".join(label_line(task, o, image.width, image.height, kpt_count)
+                                 + "\n" for o in image.objects))
     data: dict[str, Any] = {"path": ".", **{s: f"images/{s}" for s in splits},
                             "names": dict(enumerate(dataset.class_names))}
     if task == "pose":
