@@ -659,7 +659,8 @@ def test_capabilities_declare_timm_models_and_admit_any_timm_name() -> None:
     assert {"resnet50", "convnext_tiny", "vit_small_patch16_224", "test_resnet"} <= {
         m["name"] for m in manifest["models"]}
     assert [f["name"] for f in manifest["export_formats"]] == ["onnx", "torchscript"]
-    assert [d["name"] for d in manifest["dataset_layouts"]] == ["image_folder"]
+    assert [d["name"] for d in manifest["dataset_layouts"]] == ["image_folder",
+                                                                 "platform_annotations"]
 
     probe = subprocess.run([sys.executable, "-c", CAPABILITIES_PROBE], cwd=TRAINER,
                            capture_output=True, text=True, timeout=120)

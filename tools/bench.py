@@ -44,14 +44,15 @@ SIZES = {
     "smoke": Size(name="smoke", repeat=1, startup_repeat=2, archive_mb=4, archive_files=100,
                   pytorch_images=8, pytorch_epochs=2, yolo_images=8, yolo_epochs=2,
                   timm_images=4, timm_epochs=2, checkpoint_mb=4, checkpoints=3, train_s=0.2,
-                  warmup=False),
+                  warmup=False, folder_files=200, annotation_images=200),
     "small": Size(name="small", repeat=3, startup_repeat=5, archive_mb=50, archive_files=1000,
                   pytorch_images=100, pytorch_epochs=3, yolo_images=64, yolo_epochs=4,
-                  timm_images=20, timm_epochs=4, checkpoint_mb=25, checkpoints=7, train_s=1.5),
+                  timm_images=20, timm_epochs=4, checkpoint_mb=25, checkpoints=7, train_s=1.5,
+                  folder_files=2000, annotation_images=10000),
     "large": Size(name="large", repeat=5, startup_repeat=10, archive_mb=500,
                   archive_files=10000, pytorch_images=300, pytorch_epochs=4, yolo_images=256,
                   yolo_epochs=5, timm_images=60, timm_epochs=5, checkpoint_mb=100,
-                  checkpoints=11, train_s=3.0),
+                  checkpoints=11, train_s=3.0, folder_files=10000, annotation_images=10000),
 }
 
 # Row name -> the function measuring it (each returns one or more Rows), in the order.
@@ -62,9 +63,11 @@ ROWS: dict[str, Callable[[measure.Bench], list[Row]]] = {
     "staging": measure.dataset_staging,
     "checkpoint": measure.checkpoint_stall,
     "startup": measure.startup,
+    "folder": measure.folder_staging,
+    "annotations": measure.annotation_conversion,
 }
 # Cheap rows first: the MLflow server starts meanwhile (~15 s).
-RUN_ORDER = ("startup", "staging", "checkpoint", "hung", "yolo", "timm")
+RUN_ORDER = ("startup", "staging", "folder", "annotations", "checkpoint", "hung", "yolo", "timm")
 
 MARKER_OPEN = re.compile(r"^<!-- generated:bench\b.*-->\s*$", re.M)
 MARKER_CLOSE = "<!-- /generated:bench -->"

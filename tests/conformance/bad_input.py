@@ -90,6 +90,18 @@ CASES: tuple[BadInput, ...] = (
     # write escape_target, which check_nothing_outside_work_dir looks for), refused in one line.
     BadInput("untrusted-checkpoint", EXIT_DATA, ("refused", "code-carrying.pt"),
              lambda s: {"CHECKPOINT_PATH": UNTRUSTED_CHECKPOINT}),
+    # Platform annotations (issue 13, contract §2a), in annotations.json: the file every trainer
+    # reads when its task's own file is absent. One line naming the file and the id.
+    BadInput("annotations-malformed-json", EXIT_DATA, ("annotations.json", "malformed JSON"),
+             dataset("ann-malformed")),
+    BadInput("annotations-unknown-category", EXIT_DATA, ("annotations.json", "category id 77"),
+             dataset("ann-category")),
+    BadInput("annotations-missing-image", EXIT_DATA, ("annotations.json", "missing.png"),
+             dataset("ann-image")),
+    BadInput("annotations-keypoints-length", EXIT_DATA, ("annotations.json", "annotation 9"),
+             dataset("ann-keypoints")),
+    BadInput("annotations-split-names-no-image", EXIT_DATA, ("annotations.json", "4242"),
+             dataset("ann-split")),
 )
 
 
@@ -141,6 +153,49 @@ def _code_carrying_checkpoint(target: Path) -> bytes:
     return buffer.getvalue()
 
 
+def _bad_annotations() -> dict[str, bytes]:
+    """Datasets in the platform's format, each with one bad annotation (see CASES)."""
+    import json
+
+    from tests.support.platform_data import COLOURS, image_bytes
+
+    def annotations(change: Callable[[dict], None] = lambda data: None) -> dict:
+        data = {"categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}],
+                "images": [{"id": i, "file_name": f"img{i}.png", "width": 32, "height": 32,
+                            "split": "val" if i % 2 else "train"} for i in range(1, 5)],
+                "annotations": [{"id": i + 10, "image_id": i, "category_id": 1 + i % 2,
+                                 "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0}
+                                for i in range(1, 5)]}
+        change(data)
+        return data
+
+    def dataset_zip(text: str) -> bytes:
+        images = [(f"ds/images/img{i}.png", image_bytes(COLOURS["red"])) for i in range(1, 5)]
+        return _zip([("ds/annotations.json", text.encode()), *images])
+
+    def bad_category(data: dict) -> None:
+        data["annotations"][1]["category_id"] = 77
+
+    def missing_image(data: dict) -> None:
+        data["images"][2]["file_name"] = "missing.png"
+
+    def bad_keypoints(data: dict) -> None:
+        data["categories"][0].update(keypoints=["a", "b"], skeleton=[[1, 2]])
+        data["annotations"].append({"id": 9, "image_id": 1, "category_id": 1,
+                                    "bbox": [1, 1, 5, 5], "keypoints": [1, 2, 2, 3]})
+
+    def bad_split(data: dict) -> None:
+        data["split_config"] = {"splits": {"1": "train", "4242": "val"}}
+
+    return {
+        "datasets/ann-malformed.zip": dataset_zip(json.dumps(annotations())[:-15]),
+        "datasets/ann-category.zip": dataset_zip(json.dumps(annotations(bad_category))),
+        "datasets/ann-image.zip": dataset_zip(json.dumps(annotations(missing_image))),
+        "datasets/ann-keypoints.zip": dataset_zip(json.dumps(annotations(bad_keypoints))),
+        "datasets/ann-split.zip": dataset_zip(json.dumps(annotations(bad_split))),
+    }
+
+
 def escape_target(subject: Subject) -> Path:
     """Where the `..` and absolute-path archives try to write (must never exist)."""
     return subject.root / "escaped-by-archive.txt"
@@ -167,6 +222,7 @@ def upload_bad_inputs(subject: Subject) -> None:
     torch.save({"format": "vision-platform/another-framework/1", "epoch": 1, "epochs": 3,
                 "class_names": ["a", "b", "c"], "model": {"weight": torch.zeros(3, 3)}}, buffer)
     inputs[f"{FOREIGN}/other-framework.pt"] = buffer.getvalue()
+    inputs.update(_bad_annotations())
     for key, data in inputs.items():
         subject.put(key, data)
     subject.put(UNTRUSTED_CHECKPOINT, _code_carrying_checkpoint(escape_target(subject)))

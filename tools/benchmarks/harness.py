@@ -59,6 +59,8 @@ class Size:
     checkpoints: int
     train_s: float  # compute between checkpoints in the stall probe
     warmup: bool = True  # an untimed first run where a cold cache would skew the first pair
+    folder_files: int = 100  # images as separate objects in the staged dataset folder
+    annotation_images: int = 200  # images (5 boxes each) in the converted annotation file
 
 
 @dataclasses.dataclass

@@ -27,9 +27,11 @@ from tools.benchmarks.harness import (
     seconds,
     status_time,
 )
+from tools.benchmarks.platform_datasets import annotation_conversion, folder_staging
 
-__all__ = ["FIGURES", "Bench", "BenchError", "Row", "Size", "checkpoint_stall",
-           "dataset_staging", "hung_backend", "startup", "timm_throughput", "yolo_epoch_time"]
+__all__ = ["FIGURES", "Bench", "BenchError", "Row", "Size", "annotation_conversion",
+           "checkpoint_stall", "dataset_staging", "folder_staging", "hung_backend", "startup",
+           "timm_throughput", "yolo_epoch_time"]
 
 HERE = Path(__file__).resolve().parent
 STAGE_PROBE = HERE / "stage_probe.py"
@@ -42,6 +44,8 @@ FIGURES = {
     "staging": "dataset staging",
     "checkpoint": "checkpoint upload stall",
     "startup": "start-up",
+    "folder": "folder staging",
+    "annotations": "annotation conversion",
 }
 
 

@@ -20,7 +20,8 @@ CAPABILITIES = utils.Capabilities(
     package="torch",
     tasks=(utils.TaskInfo.standard("image_classification"),),
     models=(utils.ModelInfo("tinycnn", "image_classification", pretrained=False),),
-    dataset_layouts=(utils.DATASET_LAYOUTS["image_folder"],),
+    dataset_layouts=(utils.DATASET_LAYOUTS["image_folder"],
+                     utils.platform_annotations_layout("image_classification")),
     export_formats=(utils.EXPORT_ONNX, utils.EXPORT_TORCHSCRIPT),
     options=options.OPTIONS,
 )

@@ -1,6 +1,9 @@
 """Image-folder datasets: `train/<class>/*`, `val/<class>/*` (`valid/`, `validation/` too).
 
 Class order is the sorted folder names of the training split, stored in every checkpoint.
+Platform annotations (`annotations_classification.json` or `annotations.json` beside `images/`,
+contract §2a) are read by `utils.read_platform_annotations` into an index of (image, class id):
+the images stay where they were staged, the class order is the file's, the split the file's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torchvision.transforms import v2 as T
 import utils
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+TASK = "image_classification"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -63,6 +67,45 @@ def without_bad_images(items: list[tuple[Path, int]], root: Path,
     return [item for item in items if item[0] in good]
 
 
+def read_platform(root: Path, *, val_fraction: float = 0.2,
+                  split_seed: int = 42) -> utils.PlatformDataset | None:
+    """The dataset's platform annotations, or None when it has none (an image-folder one)."""
+    if utils.find_platform_annotations(root, TASK) is None:
+        return None
+    return utils.read_platform_annotations(root, TASK, val_fraction=val_fraction,
+                                           split_seed=split_seed)
+
+
+def unknown_format(root: Path) -> utils.DatasetError:
+    from capabilities import CAPABILITIES
+
+    return utils.dataset_format_error(root, CAPABILITIES.dataset_layouts)
+
+
+def platform_split(platform: utils.PlatformDataset, split: str,
+                   class_names: list[str]) -> list[tuple[Path, int]]:
+    items = utils.platform_items(platform, split, class_names)
+    if not items:
+        raise utils.DatasetError(
+            f"{platform.annotation_file.name}: no {split} images with a class (split from "
+            f"{platform.split_source}: {platform.split_counts()})")
+    return items
+
+
+def split_items(root: Path, split: str, class_names: list[str], *, max_bad_images: int = 0,
+                val_fraction: float = 0.2, split_seed: int = 42) -> list[tuple[Path, int]]:
+    """One split to evaluate, labelled by `class_names` (the checkpoint's), either layout."""
+    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    if platform is None:
+        split_dir = find_split(root, split)
+        found = read_class_names(split_dir)
+        if not set(found) <= set(class_names):
+            raise utils.DatasetError(
+                f"{split} split classes {found} differ from the checkpoint's {class_names}")
+        return index_images(split_dir, class_names, max_bad_images)
+    return without_bad_images(platform_split(platform, split, class_names), root, max_bad_images)
+
+
 class ImageFolder(Dataset):
     def __init__(self, items: list[tuple[Path, int]], transform: T.Transform):
         self.items, self.transform = items, transform
@@ -88,23 +131,34 @@ class Splits:
     class_names: list[str]
     train: ImageFolder
     val: ImageFolder
+    platform: utils.PlatformDataset | None = None  # the annotations read, when it has them
 
 
-def load_splits(root: Path, image_size: int, max_bad_images: int = 0) -> Splits:
-    train_dir, val_dir = find_split(root, "train"), find_split(root, "val")
-    class_names = read_class_names(train_dir)
-    extra = sorted(set(read_class_names(val_dir)) - set(class_names))
-    if extra:
-        raise utils.DatasetError(f"{val_dir.name}/ has classes missing from train/: "
-                                 f"{', '.join(extra)}")
+def load_splits(root: Path, image_size: int, max_bad_images: int = 0, *,
+                val_fraction: float = 0.2, split_seed: int = 42) -> Splits:
+    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    if platform is not None:
+        class_names = list(platform.class_names)
+        train = platform_split(platform, "train", class_names)
+        val = platform_split(platform, "val", class_names)
+    elif not any((root / name).is_dir() for name in SPLIT_NAMES["train"]):
+        raise unknown_format(root)
+    else:
+        train_dir, val_dir = find_split(root, "train"), find_split(root, "val")
+        class_names = read_class_names(train_dir)
+        extra = sorted(set(read_class_names(val_dir)) - set(class_names))
+        if extra:
+            raise utils.DatasetError(f"{val_dir.name}/ has classes missing from train/: "
+                                     f"{', '.join(extra)}")
+        train = list_class_images(train_dir, class_names)
+        val = list_class_images(val_dir, class_names)
     # Both splits in one image check: one line (or one warning) for the whole dataset.
-    train, val = list_class_images(train_dir, class_names), list_class_images(val_dir, class_names)
     good = set(without_bad_images(train + val, root, max_bad_images))
     return Splits(class_names,
                   ImageFolder([item for item in train if item in good],
                               build_transform(image_size, train=True)),
                   ImageFolder([item for item in val if item in good],
-                              build_transform(image_size, train=False)))
+                              build_transform(image_size, train=False)), platform)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int,

@@ -24,10 +24,8 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     from data import (
         ImageFolder,
         build_transform,
-        find_split,
-        index_images,
         make_loader,
-        read_class_names,
+        split_items,
     )
     from model import load_checkpoint, model_from_checkpoint, resolve_device
     from train import validate
@@ -36,13 +34,11 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     device = resolve_device(cfg.device)
     checkpoint = load_checkpoint(job.fetch_checkpoint())
     class_names = checkpoint["class_names"]
-    split_dir = find_split(job.stage_dataset(), cfg.split)
-    found = read_class_names(split_dir)
-    if not set(found) <= set(class_names):
-        raise utils.DatasetError(
-            f"{cfg.split} split classes {found} differ from the checkpoint's {class_names}")
+    items = split_items(job.stage_dataset(), cfg.split, class_names,
+                        max_bad_images=cfg.max_bad_images, val_fraction=cfg.val_fraction,
+                        split_seed=cfg.split_seed)
     image_size = cfg.image_size or checkpoint["image_size"]
-    dataset = ImageFolder(index_images(split_dir, class_names, cfg.max_bad_images),
+    dataset = ImageFolder(items,
                           build_transform(image_size, train=False, mean=checkpoint["mean"],
                                           std=checkpoint["std"]))
     loader = make_loader(dataset, cfg.batch_size, shuffle=False, workers=cfg.num_workers)

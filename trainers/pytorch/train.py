@@ -71,7 +71,10 @@ def train(job: utils.Job) -> utils.JobResult:
         model_name = checkpoint["model_name"]
         model_kwargs = {**checkpoint.get("model_kwargs", {}), **model_kwargs}
 
-    splits = load_splits(job.stage_dataset(), cfg.image_size, cfg.max_bad_images)
+    splits = load_splits(job.stage_dataset(), cfg.image_size, cfg.max_bad_images,
+                         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    if splits.platform is not None:
+        job.record_split(splits.platform)
     train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True,
                                workers=cfg.num_workers, seed=cfg.seed)
     val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, workers=cfg.num_workers)

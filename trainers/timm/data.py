@@ -1,6 +1,10 @@
 """Image-folder datasets: `train/<class>/*`, `val/<class>/*` (`valid/`, `validation/` too),
 optional `test/`. Class order is the sorted folder names of `train/`, stored in every checkpoint.
 
+Platform annotations (`annotations_classification.json` or `annotations.json` beside `images/`,
+contract §2a) are read by `utils.read_platform_annotations` into an index of (image, class id):
+the images stay where they were staged, the class order is the file's, the split the file's.
+
 Preprocessing is timm's own: `resolve_data_config` gives the model's input size, interpolation,
 mean, std and crop; `create_transform` turns it into training (random-resized crop, flip, colour
 jitter, optional RandAugment) and evaluation (resize + centre crop) transforms.
@@ -22,6 +26,7 @@ import utils
 from distributed import Dist, ShardSampler
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+TASK = "image_classification"
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
@@ -93,18 +98,66 @@ class Splits:
     class_names: list[str]
     train: list[tuple[Path, int]]
     val: list[tuple[Path, int]]
+    platform: utils.PlatformDataset | None = None  # the annotations read, when it has them
 
 
-def load_splits(root: Path, *, max_bad_images: int = 0) -> Splits:
-    """train/ and val/ indexed and checked: same classes, no empty class, every image readable."""
-    train_dir, val_dir = find_split(root, "train"), find_split(root, "val")
-    class_names = read_class_names(train_dir)
-    check_same_classes(val_dir, class_names, "train/")
-    train, val = list_class_images(train_dir, class_names), list_class_images(val_dir, class_names)
+def load_splits(root: Path, *, max_bad_images: int = 0, val_fraction: float = 0.2,
+                split_seed: int = 42) -> Splits:
+    """train/ and val/ indexed and checked: same classes, no empty class, every image readable;
+    from the platform's annotations when the dataset has them."""
+    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    if platform is not None:
+        class_names = list(platform.class_names)
+        train = platform_split(platform, "train", class_names)
+        val = platform_split(platform, "val", class_names)
+    elif not any((root / name).is_dir() for name in SPLIT_NAMES["train"]):
+        raise unknown_format(root)
+    else:
+        train_dir, val_dir = find_split(root, "train"), find_split(root, "val")
+        class_names = read_class_names(train_dir)
+        check_same_classes(val_dir, class_names, "train/")
+        train = list_class_images(train_dir, class_names)
+        val = list_class_images(val_dir, class_names)
     # Both splits in one image check: one line (or one warning) for the whole dataset.
     good = set(without_bad_images(train + val, root, max_bad_images))
     return Splits(class_names, [item for item in train if item in good],
-                  [item for item in val if item in good])
+                  [item for item in val if item in good], platform)
+
+
+def read_platform(root: Path, *, val_fraction: float = 0.2,
+                  split_seed: int = 42) -> utils.PlatformDataset | None:
+    """The dataset's platform annotations, or None when it has none (an image-folder one)."""
+    if utils.find_platform_annotations(root, TASK) is None:
+        return None
+    return utils.read_platform_annotations(root, TASK, val_fraction=val_fraction,
+                                           split_seed=split_seed)
+
+
+def unknown_format(root: Path) -> utils.DatasetError:
+    from capabilities import CAPABILITIES
+
+    return utils.dataset_format_error(root, CAPABILITIES.dataset_layouts)
+
+
+def platform_split(platform: utils.PlatformDataset, split: str,
+                   class_names: list[str]) -> list[tuple[Path, int]]:
+    items = utils.platform_items(platform, split, class_names)
+    if not items:
+        raise utils.DatasetError(
+            f"{platform.annotation_file.name}: no {split} images with a class (split from "
+            f"{platform.split_source}: {platform.split_counts()})")
+    return items
+
+
+def split_items(root: Path, split: str, class_names: list[str], *, max_bad_images: int = 0,
+                val_fraction: float = 0.2, split_seed: int = 42) -> list[tuple[Path, int]]:
+    """One split to evaluate, labelled by `class_names` (the checkpoint's), either layout."""
+    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    if platform is None:
+        split_dir = find_split(root, split)
+        check_same_classes(split_dir, class_names, "the checkpoint's")
+        return index_images(split_dir, class_names, max_bad_images=max_bad_images)
+    return without_bad_images(platform_split(platform, split, class_names), root, max_bad_images)
 
 
 class ImageFolder(Dataset):

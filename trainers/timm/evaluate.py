@@ -31,12 +31,10 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     hub.prepare_hub(need_weights=False)  # the weights are in the checkpoint
     from data import (
         ImageFolder,
-        check_same_classes,
         eval_loader,
         eval_transform,
-        find_split,
-        index_images,
         plain_data_config,
+        split_items,
     )
     from distributed import Dist, resolve_device
     from engine import resolve_precision, validate
@@ -47,9 +45,9 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     device = resolve_device(cfg.device)
     checkpoint = load_checkpoint(job.fetch_checkpoint())
     class_names = checkpoint["class_names"]
-    split_dir = find_split(job.stage_dataset(), cfg.split)
-    check_same_classes(split_dir, class_names, "the checkpoint's")
-    items = index_images(split_dir, class_names, max_bad_images=cfg.max_bad_images)
+    items = split_items(job.stage_dataset(), cfg.split, class_names,
+                        max_bad_images=cfg.max_bad_images, val_fraction=cfg.val_fraction,
+                        split_seed=cfg.split_seed)
     data_config = plain_data_config(checkpoint["data_config"], cfg.image_size)
     loader = eval_loader(ImageFolder(items, eval_transform(data_config)), cfg.batch_size,
                          workers=cfg.num_workers)

@@ -98,7 +98,8 @@ def build_run(job: utils.Job, dist: Dist, model_kwargs: dict[str, Any],
         num_classes=len(checkpoint["class_names"]) if checkpoint else None))
     root = dist.local_first(lambda: staged_and_checked(job), share=True)
     # Local rank 0 checked every image; here the cached verdict drops the same bad ones.
-    splits = load_splits(root, max_bad_images=cfg.max_bad_images)
+    splits = load_splits(root, max_bad_images=cfg.max_bad_images, val_fraction=cfg.val_fraction,
+                         split_seed=cfg.split_seed)
     start_epoch = restore_weights(model, start, splits.class_names)
     data_config = (plain_data_config(checkpoint["data_config"], cfg.image_size) if checkpoint
                    else data_config_for(model, cfg.image_size))
@@ -172,7 +173,10 @@ def resumes(checkpoint: dict[str, Any], checkpoint_path: str) -> bool:
 def staged_and_checked(job: utils.Job) -> Path:
     """The dataset's root, every split and image checked (each node's local rank 0 does it)."""
     root = job.stage_dataset()
-    splits = load_splits(root, max_bad_images=job.cfg.max_bad_images)
+    splits = load_splits(root, max_bad_images=job.cfg.max_bad_images,
+                         val_fraction=job.cfg.val_fraction, split_seed=job.cfg.split_seed)
+    if splits.platform is not None:
+        job.record_split(splits.platform)
     log.info("dataset: %d classes, %d training and %d validation images",
              len(splits.class_names), len(splits.train), len(splits.val))
     return root

@@ -2232,19 +2232,28 @@ def _load_annotation_json(file: Path) -> dict[str, Any]:
     return data
 
 
-def _image_file(root: Path, file: Path, image_id: str, file_name: Any) -> tuple[Path, str]:
+def _files_under(folder: Path) -> set[str]:
+    """Every file below `folder`, as POSIX paths relative to it: one walk, not a stat a file."""
+    found: set[str] = set()
+    for dirpath, _, filenames in os.walk(folder):
+        relative = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+        prefix = "" if relative == "." else relative + "/"
+        found.update(prefix + name for name in filenames)
+    return found
+
+
+def _image_file(file: Path, image_id: str, file_name: Any, present: set[str]) -> str:
+    """`file_name` relative to images/, checked: inside images/ and present in the dataset."""
     if not isinstance(file_name, str) or not file_name:
         raise DatasetError(f"{file.name}: image {image_id} has no file_name")
     name = file_name.replace("\\", "/")
     name = name[len("images/"):] if name.startswith("images/") else name
-    parts = PurePosixPath(name).parts
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-        raise DatasetError(f"{file.name}: image {image_id} file_name {file_name!r} leaves "
-                           "images/: refused")
-    path = root / "images" / name
-    if not path.is_file():
+    if name not in present:
+        if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
+            raise DatasetError(f"{file.name}: image {image_id} file_name {file_name!r} leaves "
+                               "images/: refused")
         raise DatasetError(f"{file.name}: image {image_id} ({file_name}) is not in the dataset")
-    return path, name
+    return name
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -2257,7 +2266,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 def _clip_box(box: Any, width: int, height: int) -> tuple[tuple[float, float, float, float] | None,
                                                           bool]:
     """(the box clipped to the image or None when nothing is left, whether it was clipped)."""
-    x, y, w, h = (float(v) for v in box)
+    x, y, w, h = map(float, box)
     x0, y0 = max(0.0, x), max(0.0, y)
     x1, y1 = min(float(width), x + w), min(float(height), y + h)
     clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
@@ -2274,6 +2283,46 @@ def _seeded_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[st
     if val_fraction > 0 and len(order) > 1:
         count = min(max(count, 1), len(order) - 1)
     return {image_id: "val" if i < count else "train" for i, image_id in enumerate(order)}
+
+
+_UNKNOWN = object()  # a category id no category has
+_DROPPED = object()  # a box with nothing left inside its image
+
+
+def _annotated_object(ann: Mapping[str, Any], class_id: int, width: int, height: int,
+                      kpt_count: int | None) -> tuple[Any, bool]:
+    """(one annotation as an AnnotatedObject, whether its box was clipped); the object is None
+    for a classification one (no box, no polygon), _DROPPED for a box wholly outside its image.
+    ValueError (or TypeError) names what is wrong with a bad one."""
+    keypoints = ann.get("keypoints") or ()
+    if keypoints:
+        if kpt_count is None:
+            kpt_count = len(keypoints) // 3
+        if len(keypoints) != 3 * kpt_count:
+            raise ValueError(f"{len(keypoints)} keypoint values, expected {3 * kpt_count} "
+                             f"({kpt_count} x, y, v)")
+        keypoints = tuple((float(keypoints[i]), float(keypoints[i + 1]), int(keypoints[i + 2]))
+                          for i in range(0, len(keypoints), 3))
+    segmentation = ann.get("segmentation")
+    polygons: tuple[tuple[float, ...], ...] = ()
+    if segmentation:
+        if isinstance(segmentation, dict):
+            raise ValueError("an RLE mask: platform annotations use polygons")
+        polygons = tuple(tuple(map(float, polygon)) for polygon in segmentation
+                         if len(polygon) >= 6)
+    box = ann.get("bbox")
+    if box is None and polygons:
+        xs = [v for polygon in polygons for v in polygon[0::2]]
+        ys = [v for polygon in polygons for v in polygon[1::2]]
+        box = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
+    if box is None:
+        return None, False
+    if len(box) != 4:
+        raise ValueError(f"bbox {box!r} is not [x, y, w, h]")
+    bbox, clipped = _clip_box(box, width, height)
+    if bbox is None:
+        return _DROPPED, clipped
+    return AnnotatedObject(class_id, bbox, polygons, keypoints), clipped
 
 
 def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction: float = 0.2,
@@ -2293,18 +2342,20 @@ def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction
     categories = data.get("categories", data.get("classes"))
     if not isinstance(categories, list):
         raise DatasetError(f"{file.name}: no 'categories' (or 'classes') list")
-    class_of: dict[str, int | None] = {}  # category id -> class id; None: __background__
+    class_of: dict[Any, int | None] = {}  # category id (as given, and as a string) -> class id
     class_names: list[str] = []
     keypoint_names: tuple[str, ...] = ()
     skeleton: tuple[tuple[int, int], ...] = ()
     for position, category in enumerate(categories):
         if not isinstance(category, dict) or "name" not in category:
             raise DatasetError(f"{file.name}: category #{position} has no name")
-        cat_id = str(category.get("id", position))
+        raw_id = category.get("id", position)
+        cat_id = str(raw_id)
+        raw_id = raw_id if isinstance(raw_id, int | str) else cat_id
         if category["name"] == BACKGROUND_CLASS:
-            class_of[cat_id] = None
+            class_of[cat_id] = class_of[raw_id] = None
             continue
-        class_of[cat_id] = len(class_names)
+        class_of[cat_id] = class_of[raw_id] = len(class_names)
         class_names.append(str(category["name"]))
         if category.get("keypoints") and not keypoint_names:
             keypoint_names = tuple(str(k) for k in category["keypoints"])
@@ -2341,8 +2392,11 @@ def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction
     kpt_count = len(keypoint_names) or None
     clipped = dropped = 0
     images: list[AnnotatedImage] = []
+    images_dir = root / "images"
+    present = _files_under(images_dir)
     for record, image_id in zip(records, ids, strict=True):
-        path, name = _image_file(root, file, image_id, record.get("file_name"))
+        name = _image_file(file, image_id, record.get("file_name"), present)
+        path = images_dir / name
         width, height = record.get("width"), record.get("height")
         if not width or not height:
             width, height = _image_size(path)
@@ -2359,47 +2413,31 @@ def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction
         sources.add(source)
         objects: list[AnnotatedObject] = []
         label = None
-        for ann in by_image.get(image_id, []):
-            cat_id = str(ann.get("category_id", ann.get("class_id")))
-            if cat_id not in class_of:
+        for ann in by_image.get(image_id, ()):
+            raw_id = ann.get("category_id")
+            if raw_id is None:
+                raw_id = ann.get("class_id")
+            class_id = class_of.get(raw_id, _UNKNOWN) if isinstance(raw_id, int | str) \
+                else _UNKNOWN
+            if class_id is _UNKNOWN:
                 raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image {image_id} "
-                                   f"has category id {cat_id}, which no category has")
-            class_id = class_of[cat_id]
+                                   f"has category id {raw_id}, which no category has")
             if class_id is None:
                 continue  # a negative image: kept, with no objects
-            keypoints = ann.get("keypoints") or ()
-            if keypoints:
-                if kpt_count is None:
-                    kpt_count = len(keypoints) // 3
-                if len(keypoints) != 3 * kpt_count:
-                    raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image "
-                                       f"{image_id} has {len(keypoints)} keypoint values, "
-                                       f"expected {3 * kpt_count} ({kpt_count} x, y, v)")
-                keypoints = tuple((float(keypoints[i]), float(keypoints[i + 1]),
-                                   int(keypoints[i + 2])) for i in range(0, len(keypoints), 3))
-            segmentation = ann.get("segmentation") or ()
-            if isinstance(segmentation, dict):
-                raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image {image_id} "
-                                   "has an RLE mask; platform annotations use polygons")
-            polygons = tuple(tuple(float(v) for v in polygon) for polygon in segmentation
-                             if len(polygon) >= 6)
-            box = ann.get("bbox")
-            if box is None and polygons:
-                xs = [v for polygon in polygons for v in polygon[0::2]]
-                ys = [v for polygon in polygons for v in polygon[1::2]]
-                box = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
-            if box is None:  # a classification annotation
+            try:
+                obj, was_clipped = _annotated_object(ann, class_id, width, height, kpt_count)
+            except (TypeError, ValueError, IndexError) as exc:
+                raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image "
+                                   f"{image_id} has {exc}") from None
+            if obj is None:  # a classification annotation
                 label = class_id if label is None else label
-                continue
-            if len(box) != 4:
-                raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image {image_id} "
-                                   f"has bbox {box!r} (expected [x, y, w, h])")
-            bbox, was_clipped = _clip_box(box, width, height)
-            if bbox is None:
+            elif obj is _DROPPED:
                 dropped += 1
-                continue
-            clipped += was_clipped
-            objects.append(AnnotatedObject(class_id, bbox, polygons, keypoints))
+            else:
+                if obj.keypoints and kpt_count is None:
+                    kpt_count = len(obj.keypoints)
+                clipped += was_clipped
+                objects.append(obj)
         if label is None and task == "image_classification" and objects:
             label = objects[0].class_id
         images.append(AnnotatedImage(image_id, path, name, int(width), int(height), split,
@@ -2410,6 +2448,29 @@ def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction
     split_source = next((s for s in ("split_config", "per-image", "seeded") if s in sources), "")
     return PlatformDataset(file, task, tuple(class_names), tuple(images), keypoint_names,
                            skeleton, split_source)
+
+
+def platform_annotations_layout(*task_types: str) -> DatasetLayout:
+    """The platform_annotations layout as a trainer offers it: for the tasks it trains."""
+    layout = DATASET_LAYOUTS["platform_annotations"]
+    return dataclasses.replace(layout, task_types=task_types or layout.task_types)
+
+
+def platform_items(dataset: PlatformDataset, split: str,
+                   class_names: Sequence[str]) -> list[tuple[Path, int]]:
+    """A classification split as (image, class id in `class_names`), matched by class name.
+    Images without a class (negatives, unlabelled) are left out, with one log line."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(dataset.class_names) - set(index))
+    images = dataset.split(split)
+    used = [image for image in images if image.label is not None]
+    if unknown and any(dataset.class_names[image.label] in unknown for image in used):
+        raise DatasetError(f"{dataset.annotation_file.name}: classes {', '.join(unknown[:5])} "
+                           f"are not among the model's ({', '.join(list(class_names)[:10])})")
+    if len(used) < len(images):
+        log.info("%s: %d %s image(s) without a class left out (negatives or unlabelled)",
+                 dataset.annotation_file.name, len(images) - len(used), split)
+    return [(image.path, index[dataset.class_names[image.label]]) for image in used]
 
 
 def dataset_format_error(root: Path, layouts: Sequence[DatasetLayout]) -> DatasetError:
