@@ -5,7 +5,8 @@ with its matched prediction, 0 when it has none. Ultralytics computes OKS betwee
 and prediction of a batch (`kpt_iou`, with the dataset's sigmas) only to count true positives;
 `validator_class` keeps those similarities, matches each object to one prediction of its class
 (highest OKS first, one prediction per object, as Ultralytics matches them) and averages them
-over the validation. Objects without a labelled keypoint count for nothing, as in COCO.
+over the validation (every rank's share under DDP). Objects without a labelled keypoint count
+for nothing, as in COCO.
 """
 
 from __future__ import annotations
@@ -84,6 +85,20 @@ def validator_class() -> type:
                 similarities = similarities[labelled.cpu().numpy()]
             self.object_similarities.append(similarities)
             return tp
+
+        def gather_stats(self) -> None:
+            """Under DDP every rank validates a shard: rank 0 averages over all of them."""
+            super().gather_stats()
+            from ultralytics.utils import RANK
+
+            if RANK == -1:
+                return
+            import torch.distributed as dist
+
+            shards = [None] * dist.get_world_size() if RANK == 0 else None
+            dist.gather_object(self.object_similarities, shards, dst=0)
+            if RANK == 0:
+                self.object_similarities = [part for shard in shards for part in shard]
 
         def finalize_metrics(self) -> None:
             super().finalize_metrics()
