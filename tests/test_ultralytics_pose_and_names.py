@@ -380,7 +380,8 @@ BAD_INPUTS = {
     "keypoints of the wrong length": (
         {"annotations_pose.json": annotations([1, 1, 2], {"1": "train", "2": "val"}),
          "images/1.jpg": JPEG, "images/2.jpg": JPEG},
-        "annotations_pose.json: annotation 11 of image 1 has 3 keypoint values, expected 6 (2 x, y, v)"),
+        "annotations_pose.json: annotation 11 of image 1 has 3 keypoint values, expected 6 "
+        "(2 x, y, v)"),
     "a val split without images": (
         {"annotations_pose.json": annotations([1, 1, 2, 3, 3, 2], {"1": "train", "2": "train"}),
          "images/1.jpg": JPEG, "images/2.jpg": JPEG},
@@ -401,3 +402,23 @@ def test_bad_pose_datasets_fail_with_one_line(case: str, s3: S3Server, backend: 
     assert backend.bodies("status")[-1]["error"] == reason
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "work" / "ultralytics").exists(), "training started"
+
+
+@pytest.mark.slow
+def test_classification_from_nested_annotations_in_a_zip(servers: Servers) -> None:
+    from tests.support import platform_data
+
+    root = servers.tmp / "plat-cls" / "colours"
+    data = platform_data.classification(root, per_class=4, nested=True, background=2)
+    servers.s3.put_file("datasets/platform-cls.zip", platform_data.zip_folder(
+        root, servers.tmp / "plat-cls" / "colours.zip"))
+    checked(run("train.py", servers.job_env("plat-cls", DATASET_ID="platform-cls",
+                                            TASK_TYPE="image_classification", IMAGE_SIZE="64",
+                                            BATCH_SIZE="3")))
+    [validation] = of_job(servers.backend, "validation-results", "plat-cls")
+    assert validation["class_names"] == ["red", "green", "blue"]
+    # the file's val split (every 4th image of a class), counted in the confusion matrix
+    val = [image for image in data["images"] if data["split_config"]["splits"][
+        str(image["id"])] == "val"]
+    assert sum(map(sum, validation["confusion_matrix"])) == len(val) == 3
+    servers.no_network("plat-cls")

@@ -40,7 +40,10 @@ YAML_NAMES = ("data.yaml", "data.yml")
 # Ultralytics' tasks and the platform's, for finding the task's annotation file.
 TASK_TYPES = {"detect": "object_detection", "segment": "instance_segmentation",
               "pose": "pose_estimation", "classify": "image_classification"}
-CONVERTER_VERSION = 1  # a change to what platform_layout writes: bump, so caches are rebuilt
+CONVERTER_VERSION = 2  # a change to what platform_layout writes: bump, so caches are rebuilt
+# Ultralytics' own convention for class folders named by class id ({split}/{id}/), which keeps
+# the classes in the dataset's order rather than sorted by name: their names in this file.
+CLASS_NAMES_FILE = ".ndjson.yaml"
 VAL_FOLDERS = ("val", "valid", "validation")
 
 
@@ -208,6 +211,11 @@ def image_folders(root: Path) -> Dataset:
         raise utils.DatasetError(f"the dataset has no train/ folder (found: {_listing(root)}); "
                                  "classification needs train/<class>/ and val/<class>/ folders")
     names = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if (root / CLASS_NAMES_FILE).is_file():  # folders named by class id (platform_layout)
+        import yaml
+
+        named = yaml.safe_load((root / CLASS_NAMES_FILE).read_text(encoding="utf-8"))["names"]
+        names = [str(named[i]) for i in sorted(named)]
     if not names:
         raise utils.DatasetError("train/ has no class folders (train/<class>/image.jpg)")
     splits = {"train": train}
@@ -256,6 +264,9 @@ def without_bad_images(dataset: Dataset, out_dir: Path, max_bad_images: int) -> 
     if all(image in good for found in images.values() for image in found):
         return dataset
     splits = {}
+    if (dataset.root / CLASS_NAMES_FILE).is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(dataset.root / CLASS_NAMES_FILE, out_dir / CLASS_NAMES_FILE)
     for split, found in images.items():
         splits[split] = out_dir / split
         for image in found:
@@ -342,20 +353,25 @@ def flat_names(images: list[Any]) -> dict[str, str]:
 
 
 def write_class_folders(dataset: Any, out: Path) -> None:
-    """{split}/{class}/{image}: every labelled image, linked; unlabelled ones are left out."""
+    """{split}/{class id}/{image} with the names in CLASS_NAMES_FILE (sorted folder names would
+    reorder the classes): every labelled image, linked; unlabelled ones are left out."""
+    import yaml
+
     unlabelled = 0
     for split in ("train", "val", "test"):
         images = dataset.split(split)
         if not images:
             continue
-        for class_name in dataset.class_names:  # every class in every split it reads
-            (out / split / class_name).mkdir(parents=True)
+        for class_id in range(len(dataset.class_names)):  # every class in every split it reads
+            (out / split / str(class_id)).mkdir(parents=True)
         names = flat_names(images)
         for image in images:
             if image.label is None:
                 unlabelled += 1
                 continue
-            link(image.path, out / split / dataset.class_names[image.label] / names[image.id])
+            link(image.path, out / split / str(image.label) / names[image.id])
+    (out / CLASS_NAMES_FILE).write_text(yaml.safe_dump(
+        {"names": dict(enumerate(dataset.class_names))}, allow_unicode=True), encoding="utf-8")
     if unlabelled:
         log.warning("%s: %d image(s) without a class left out", dataset.annotation_file.name,
                     unlabelled)
