@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import clean_environ, import_by_path
+from tests.support import platform_data
 from tests.support.contract import contract
 from tests.support.servers import (
     REPO,
@@ -114,10 +115,17 @@ def run(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 @dataclass
 class Servers:
     s3: S3Server
+    bucket: str  # this module's (the session's S3 server moves on to other buckets)
     backend: RecordingBackend
     mlflow: MlflowServer
     env: dict[str, str]
     tmp: Path
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.s3.client.upload_file(str(path), self.bucket, key)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.s3.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
     def job_env(self, job_id: str, **settings: str) -> dict[str, str]:
         return guarded({**self.env, **self.backend.env(job_id),
@@ -129,7 +137,7 @@ class Servers:
         assert not log.exists(), log.read_text()
 
     def json_object(self, key: str) -> dict:
-        return json.loads(self.s3.get_bytes(key))
+        return json.loads(self.get_bytes(key))
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +146,18 @@ def servers(s3_server: S3Server, mlflow_server: MlflowServer,
     tmp = tmp_path_factory.mktemp("ultralytics-pose")
     s3_server.start()
     s3_server.enforce_auth(False)
-    s3_server.new_bucket(f"pose-{uuid.uuid4().hex[:8]}")
+    bucket = s3_server.new_bucket(f"pose-{uuid.uuid4().hex[:8]}")
     backend = RecordingBackend()
     env = {**clean_environ(), **s3_server.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri,
            "MLFLOW_DISABLE_TELEMETRY": "true", **TINY}
-    yield Servers(s3_server, backend, mlflow_server, env, tmp)
+    yield Servers(s3_server, bucket, backend, mlflow_server, env, tmp)
     backend.close()
 
 
 @pytest.fixture(scope="module")
 def pose_trained(servers: Servers) -> subprocess.CompletedProcess:
     """yolo11n-pose, one epoch on the native pose sample (squares, their corners as keypoints)."""
-    servers.s3.put_file("datasets/squares-pose.zip", sample_zip(
+    servers.put_file("datasets/squares-pose.zip", sample_zip(
         servers.tmp / "data", "pose", "squares-pose", train=8, val=4))
     return run("train.py", servers.job_env("pose", DATASET_ID="squares-pose",
                                            MODEL_NAME="yolo11n-pose"))
@@ -188,7 +196,7 @@ def test_pose_trains_with_keypoint_metrics_and_oks(servers: Servers, pose_traine
 def test_the_pose_checkpoint_carries_its_keypoints(servers: Servers, pose_trained) -> None:
     checked(pose_trained)
     best = servers.tmp / "pose-best.pt"
-    servers.s3.client.download_file(servers.s3.bucket, "checkpoints/job-pose/best.pt", str(best))
+    servers.s3.client.download_file(servers.bucket, "checkpoints/job-pose/best.pt", str(best))
     probe = ("import json, sys, torch\n"
              "model = torch.load(sys.argv[1], weights_only=False)['model']\n"
              "print(json.dumps({'shape': list(model.kpt_shape), 'names': model.kpt_names,"
@@ -218,7 +226,7 @@ def test_pose_evaluate_reports_the_keypoint_names(servers: Servers, pose_trained
 def test_pose_predict_writes_keypoints_per_object(servers: Servers, pose_trained) -> None:
     checked(pose_trained)
     image = next((servers.tmp / "pose").rglob("val_00000.jpg"))
-    servers.s3.put_file("inputs/pose/one.jpg", image)
+    servers.put_file("inputs/pose/one.jpg", image)
     checked(run("predict.py", servers.job_env(
         "pose-predict", CHECKPOINT_PATH="checkpoints/job-pose/best.pt",
         INPUT_PATH="inputs/pose/one.jpg", CONF_THRESHOLD="0.0")))
@@ -241,7 +249,7 @@ def test_pose_export_describes_its_keypoints(servers: Servers, pose_trained) -> 
     checked(run("export.py", servers.job_env(
         "pose-export", CHECKPOINT_PATH="checkpoints/job-pose/best.pt", EXPORT_FORMAT="onnx")))
     archive = servers.tmp / "pose-export.zip"
-    archive.write_bytes(servers.s3.get_bytes("artifacts/job-pose-export/export/export-onnx.zip"))
+    archive.write_bytes(servers.get_bytes("artifacts/job-pose-export/export/export-onnx.zip"))
     with zipfile.ZipFile(archive) as zf:
         metadata = json.loads(zf.read("metadata.json"))
     schema = json.loads(EXPORT_SCHEMA.read_text(encoding="utf-8"))
@@ -282,7 +290,7 @@ def test_detection_trains_from_an_annotation_zip_on_its_val_split(servers: Serve
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(root.rglob("*")):
             zf.write(path, path.relative_to(root.parent).as_posix())
-    servers.s3.put_file("datasets/platform-det.zip", archive)
+    servers.put_file("datasets/platform-det.zip", archive)
 
     checked(run("train.py", servers.job_env("plat-det", DATASET_ID="platform-det",
                                             MODEL_NAME="yolo11n")))
@@ -299,18 +307,18 @@ def test_detection_trains_from_an_annotation_zip_on_its_val_split(servers: Serve
     servers.no_network("plat-det")
 
 
-def put_folder(s3: S3Server, archive: Path, into: Path, prefix: str) -> None:
+def put_folder(servers: Servers, archive: Path, into: Path, prefix: str) -> None:
     """The sample's files as separate objects under `prefix` (a dataset stored as a folder)."""
     root = unpack(archive, into)
     for path in sorted(root.rglob("*")):
         if path.is_file():
-            s3.put_file(prefix + path.relative_to(root).as_posix(), path)
+            servers.put_file(prefix + path.relative_to(root).as_posix(), path)
 
 
 @pytest.mark.slow
 def test_segmentation_from_an_annotation_folder_sends_box_and_mask_names(
         servers: Servers) -> None:
-    put_folder(servers.s3, sample_zip(servers.tmp / "plat-seg", "segment", "s", train=8, val=3,
+    put_folder(servers, sample_zip(servers.tmp / "plat-seg", "segment", "s", train=8, val=3,
                                       layout="platform"),
                servers.tmp / "plat-seg" / "unpacked", "datasets/platform-seg/")
     checked(run("train.py", servers.job_env("plat-seg", DATASET_ID="platform-seg",
@@ -328,7 +336,7 @@ def test_segmentation_from_an_annotation_folder_sends_box_and_mask_names(
 
 @pytest.mark.slow
 def test_pose_from_an_annotation_folder(servers: Servers) -> None:
-    put_folder(servers.s3, sample_zip(servers.tmp / "plat-pose", "pose", "p", train=8, val=3,
+    put_folder(servers, sample_zip(servers.tmp / "plat-pose", "pose", "p", train=8, val=3,
                                       layout="platform"),
                servers.tmp / "plat-pose" / "unpacked", "datasets/platform-pose/")
     checked(run("train.py", servers.job_env("plat-pose", DATASET_ID="platform-pose",
@@ -340,7 +348,7 @@ def test_pose_from_an_annotation_folder(servers: Servers) -> None:
         "plat-pose-export", CHECKPOINT_PATH="checkpoints/job-plat-pose/best.pt",
         EXPORT_FORMAT="torchscript")))
     archive = servers.tmp / "plat-pose-export.zip"
-    archive.write_bytes(servers.s3.get_bytes(
+    archive.write_bytes(servers.get_bytes(
         "artifacts/job-plat-pose-export/export/export-torchscript.zip"))
     with zipfile.ZipFile(archive) as zf:
         metadata = json.loads(zf.read("metadata.json"))
@@ -406,11 +414,9 @@ def test_bad_pose_datasets_fail_with_one_line(case: str, s3: S3Server, backend: 
 
 @pytest.mark.slow
 def test_classification_from_nested_annotations_in_a_zip(servers: Servers) -> None:
-    from tests.support import platform_data
-
     root = servers.tmp / "plat-cls" / "colours"
     data = platform_data.classification(root, per_class=4, nested=True, background=2)
-    servers.s3.put_file("datasets/platform-cls.zip", platform_data.zip_folder(
+    servers.put_file("datasets/platform-cls.zip", platform_data.zip_folder(
         root, servers.tmp / "plat-cls" / "colours.zip"))
     checked(run("train.py", servers.job_env("plat-cls", DATASET_ID="platform-cls",
                                             TASK_TYPE="image_classification", IMAGE_SIZE="64",

@@ -33,13 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import utils
+from model import TASK_TYPES  # Ultralytics' task -> the platform's
 
 log = logging.getLogger(f"trainer.{__name__}")
 
 YAML_NAMES = ("data.yaml", "data.yml")
-# Ultralytics' tasks and the platform's, for finding the task's annotation file.
-TASK_TYPES = {"detect": "object_detection", "segment": "instance_segmentation",
-              "pose": "pose_estimation", "classify": "image_classification"}
 CONVERTER_VERSION = 2  # a change to what platform_layout writes: bump, so caches are rebuilt
 # Ultralytics' own convention for class folders named by class id ({split}/{id}/), which keeps
 # the classes in the dataset's order rather than sorted by name: their names in this file.

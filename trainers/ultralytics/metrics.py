@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 import utils
+from model import TASK_TYPES
 
 # The metric that picks best.pt, per Ultralytics task: (platform name, Ultralytics key).
 PRIMARY = {
@@ -31,8 +32,6 @@ PRIMARY = {
 }
 # The task's own metrics beside the box ones: (Ultralytics' attribute, the platform's suffix).
 OWN_METRICS = {"segment": ("seg", "(M)"), "pose": ("pose", "(P)")}
-TASK_TYPES = {"detect": "object_detection", "segment": "instance_segmentation",
-              "pose": "pose_estimation", "classify": "image_classification"}
 CURVE_POINTS = 101  # PR curves are sent on a 0..1 recall grid of this many points
 
 
