@@ -2285,6 +2285,14 @@ def _seeded_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[st
     return {image_id: "val" if i < count else "train" for i, image_id in enumerate(order)}
 
 
+def _annotation_list(file: Path, annotations: Any) -> list[dict[str, Any]]:
+    if annotations is None:
+        return []
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise DatasetError(f"{file.name}: 'annotations' is not a list of JSON objects")
+    return annotations
+
+
 _UNKNOWN = object()  # a category id no category has
 _DROPPED = object()  # a box with nothing left inside its image
 
@@ -2368,13 +2376,16 @@ def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction
 
     nested = "categories" not in data
     records = data["images"]
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{file.name}: images[{position}] is not a JSON object")
     by_image: dict[str, list[dict[str, Any]]] = {}
     if nested:
         for record in records:
-            by_image[str(record.get("id"))] = list(record.get("annotations") or [])
+            by_image[str(record.get("id"))] = _annotation_list(file, record.get("annotations"))
     else:
-        known = {str(record.get("id")) for record in records if isinstance(record, dict)}
-        for ann in data.get("annotations") or []:
+        known = {str(record.get("id")) for record in records}
+        for ann in _annotation_list(file, data.get("annotations")):
             image_id = str(ann.get("image_id"))
             if image_id not in known:
                 raise DatasetError(f"{file.name}: annotation {ann.get('id')} names image "
