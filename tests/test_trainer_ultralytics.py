@@ -540,8 +540,11 @@ def test_segmentation_short_run(s3: S3Server, backend: RecordingBackend, job_env
     assert backend.statuses() == ["running", "completed"]
     [validation] = backend.bodies("validation-results")
     assert validation["task_type"] == "instance_segmentation"
-    assert DETECTION_METRICS | {"box_mAP@0.5", "box_mAP@0.5:0.95"} <= set(validation["metrics"])
-    assert all(DETECTION_PER_CLASS <= set(m) for m in validation["per_class_metrics"].values())
+    _, metrics, per_class = contract.TASK_METRICS["instance_segmentation"]
+    assert set(validation["metrics"]) == set(metrics) and "mAP50-95(M)" in metrics
+    assert validation["primary_metric_name"] == "mAP50-95(M)"
+    assert validation["primary_metric_value"] == validation["metrics"]["mAP50-95(M)"]
+    assert all(set(m) == set(per_class) for m in validation["per_class_metrics"].values())
     assert "seg_loss" in backend.bodies("training-metrics")[0]["extra_metrics"]
     assert not (tmp_path / "guard.log").exists()
 
@@ -595,7 +598,8 @@ BAD_INPUTS = {
     "dataset without data.yaml": (
         {"DATASET_ID": "no-yaml"},
         {"no-yaml/images/train/a.jpg": JPEG, "no-yaml/labels/train/a.txt": b"0 .5 .5 .2 .2\n"},
-        contract.EXIT_DATA, "the dataset has no data.yaml"),
+        contract.EXIT_DATA, "dataset is in no accepted format (found: images/, labels/); "
+        "accepted: platform_annotations"),
     "data.yaml naming a missing folder": (
         {"DATASET_ID": "missing-val"},
         {"data.yaml": b"names: [a]\ntrain: images/train\nval: images/nowhere\n",

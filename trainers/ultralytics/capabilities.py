@@ -15,14 +15,14 @@ import model
 import options
 import utils
 
-# Families whose YAMLs ship with Ultralytics and whose weights it publishes for all three tasks
+# Families whose YAMLs ship with Ultralytics and whose weights it publishes for all four tasks
 # (model.pretrained_weights downloads {name}.pt from its releases).
 FAMILIES = ("yolo11", "yolo26", "yolov8")
 SCALES = ("n", "s", "m", "l", "x")
 
 # The catalogue is not the whole list: any YOLO name whose YAML ships with Ultralytics trains
 # (model.resolve_model, checked at start), e.g. yolov8n-p2; not the tasks this trainer lacks.
-MODEL_NAME_PATTERN = (r"^yolo(v?\d+)[a-z]*(-(?!pose\b|obb\b|sem\b|depth\b)[a-z0-9]+)*"
+MODEL_NAME_PATTERN = (r"^yolo(v?\d+)[a-z]*(-(?!obb\b|sem\b|depth\b)[a-z0-9]+)*"
                       r"(\.ya?ml|\.pt)?$")
 
 EXPORT_FORMATS = (
@@ -38,6 +38,15 @@ EXPORT_FORMATS = (
 )
 
 
+# The platform's own annotation format (contract section 2a), converted by data.py to what
+# Ultralytics reads, for every task this trainer trains.
+PLATFORM_ANNOTATIONS = dataclasses.replace(
+    utils.DATASET_LAYOUTS.get("platform_annotations") or utils.DatasetLayout(
+        "platform_annotations", (), "annotations_<task>.json (or annotations.json) with the "
+        "images under images/: the platform's COCO-based annotations, standard or nested"),
+    task_types=tuple(model.TASKS))
+
+
 def catalogue() -> tuple[utils.ModelInfo, ...]:
     return tuple(
         utils.ModelInfo(f"{family}{scale}{suffix}", model.TASK_TYPES[task], pretrained=True)
@@ -50,8 +59,9 @@ CAPABILITIES = utils.Capabilities(
     tasks=tuple(utils.TaskInfo.standard(task_type) for task_type in model.TASKS),
     models=catalogue(),
     dataset_layouts=(
-        dataclasses.replace(utils.DATASET_LAYOUTS["yolo"],
-                            task_types=("object_detection", "instance_segmentation")),
+        PLATFORM_ANNOTATIONS,
+        dataclasses.replace(utils.DATASET_LAYOUTS["yolo"], task_types=(
+            "object_detection", "instance_segmentation", "pose_estimation")),
         utils.DATASET_LAYOUTS["image_folder"],
     ),
     export_formats=EXPORT_FORMATS,

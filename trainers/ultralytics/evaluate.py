@@ -70,20 +70,30 @@ def run_validation(job: utils.Job):
                     cpu_threads=runtime.cpu_threads(cfg.device))
     device = model.ultralytics_device(cfg.device)
     info = model.inspect_checkpoint(job.fetch_checkpoint(trusted_only=True))
-    dataset = prepare_dataset(job.stage_dataset(), info.task, job.work_dir,
-                              cfg.max_bad_images)
+    dataset = prepare_dataset(job.stage_dataset(), info.task, job.work_dir, cfg.max_bad_images,
+                              val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    if dataset.annotations is not None:
+        job.record_split(dataset.annotations)
     require_split(dataset, cfg.split)
     if dataset.class_names != info.class_names:
         raise utils.DatasetError(f"the dataset's classes {dataset.class_names} differ from the "
                                  f"checkpoint's {info.class_names}")
+    if info.keypoints and dataset.kpt_shape and info.keypoints.shape != dataset.kpt_shape:
+        raise utils.DatasetError(f"the dataset's kpt_shape {list(dataset.kpt_shape)} differs "
+                                 f"from the checkpoint's {list(info.keypoints.shape)}")
 
     from ultralytics import YOLO
 
     out_dir = job.work_dir / "evaluation"
+    validator = None
+    if info.task == "pose":  # Ultralytics' own, also reporting OKS
+        import pose
+
+        validator = pose.validator_class()
     metrics = YOLO(str(info.path), task=info.task).val(
-        data=dataset.data, split=cfg.split, imgsz=cfg.image_size or info.image_size or 640,
-        batch=cfg.batch_size, device=device, workers=cfg.num_workers, save_dir=str(out_dir),
-        plots=True, save_json=False, verbose=True)
+        validator=validator, data=dataset.data, split=cfg.split,
+        imgsz=cfg.image_size or info.image_size or 640, batch=cfg.batch_size, device=device,
+        workers=cfg.num_workers, save_dir=str(out_dir), plots=True, save_json=False, verbose=True)
     result = validation_result(info.task, metrics, info.class_names)
     log.info("%s on %s: %s %.4f", info.path.name, cfg.split, result.primary_metric_name,
                    result.primary_metric_value)

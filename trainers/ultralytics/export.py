@@ -256,6 +256,12 @@ def describe_outputs(task: str, shapes: list[list[int]], class_count: int) -> li
                 {"name": "output1", "shape": shapes[1], "description":
                  "[batch, mask coefficients, height / 4, width / 4]: mask prototypes; a "
                  "detection's mask is sigmoid(coefficients @ prototypes) cropped to its box"}]
+    if task == "pose":
+        values = shapes[0][1] - 4 - class_count
+        return [{"name": "output0", "shape": shapes[0], "description":
+                 f"[batch, 4 + classes + {values}, anchors]: {boxes}, then the keypoints "
+                 f"({values} values: x, y in input pixels and a visibility score (sigmoid) per "
+                 f"keypoint, in metadata.json's keypoint order); {nms}"}]
     return [{"name": "output0", "shape": shapes[0], "description":
              f"[batch, 4 + classes, anchors]: {boxes}; {nms}"}]
 
@@ -280,7 +286,7 @@ def describe(job: utils.Job, fmt: utils.ExportFormat, info: Any, source: Path, s
     """metadata.json (utils.export_metadata) with what this trainer's model takes and returns."""
     from capabilities import CAPABILITIES
 
-    return utils.export_metadata(
+    metadata = utils.export_metadata(
         job, fmt, CAPABILITIES, source=source, task_type=info.task_type,
         class_names=info.class_names, input_name=INPUT_NAME,
         input_shape=[-1 if job.cfg.dynamic_batch else 1, 3, size, size],
@@ -289,6 +295,9 @@ def describe(job: utils.Job, fmt: utils.ExportFormat, info: Any, source: Path, s
         checkpoint={"format": "ultralytics", "model_name": info.model_name,
                     "epoch": info.trained_epochs},
         exporter=exporter, verification=verification)
+    if info.keypoints:  # pose: what each keypoint is and how they connect
+        metadata["keypoints"] = info.keypoints.as_json()
+    return metadata
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ The platform's UI reads `mAP@0.5`, `mAP@0.5:0.95`, `precision`, `recall` and per
 `precision`, `recall`, `f1_score`, `top5_accuracy` and per class `{precision, recall, f1_score,
 support}` for classification -- never Ultralytics' raw keys like `metrics/mAP50(B)`.
 
-Segmentation reports its mask metrics under those names (the task's own result) and the box
-metrics beside them as `box_mAP@0.5`, ... . Confusion matrices are lists of int rows, rows = true
+Segmentation and pose send the box metrics under those names and the task's own beside them,
+as the UI shows them side by side: masks under `mAP50(M)`, `mAP50-95(M)`, `precision(M)`,
+`recall(M)` (per class `ap_50(M)`, `ap_50_95(M)`, `precision(M)`, `recall(M)`), keypoints under
+the same names with `(P)`, plus `OKS` (pose.py); the primary metric is the task's own
+(`mAP50-95(M)`, `mAP50-95(P)`). Confusion matrices are lists of int rows, rows = true
 class, columns = predicted class; detection adds a last row and column for "background" (missed
 objects and false detections), as Ultralytics counts them.
 """
@@ -18,13 +21,17 @@ from typing import Any
 import numpy as np
 
 import utils
+from model import TASK_TYPES
 
 # The metric that picks best.pt, per Ultralytics task: (platform name, Ultralytics key).
 PRIMARY = {
     "detect": ("mAP@0.5:0.95", "metrics/mAP50-95(B)"),
-    "segment": ("mAP@0.5:0.95", "metrics/mAP50-95(M)"),
+    "segment": ("mAP50-95(M)", "metrics/mAP50-95(M)"),
+    "pose": ("mAP50-95(P)", "metrics/mAP50-95(P)"),
     "classify": ("accuracy", "metrics/accuracy_top1"),
 }
+# The task's own metrics beside the box ones: (Ultralytics' attribute, the platform's suffix).
+OWN_METRICS = {"segment": ("seg", "(M)"), "pose": ("pose", "(P)")}
 CURVE_POINTS = 101  # PR curves are sent on a 0..1 recall grid of this many points
 
 
@@ -55,45 +62,60 @@ def validation_loss(results: dict[str, Any]) -> float | None:
 
 def validation_result(task: str, metrics: Any, class_names: list[str],
                       loss: float | None = None) -> utils.ValidationResult:
-    """A ValidationResult from Ultralytics' DetMetrics, SegmentMetrics or ClassifyMetrics."""
+    """A ValidationResult from Ultralytics' DetMetrics, SegmentMetrics, PoseMetrics or
+    ClassifyMetrics."""
     if task == "classify":
         values, per_class, confusion = classification(metrics, class_names)
         curves = None
     else:
         values, per_class = detection(task, metrics, class_names)
         confusion = confusion_rows(metrics)
-        curves = pr_curves(metrics.seg if task == "segment" else metrics.box, class_names)
+        own = OWN_METRICS.get(task)
+        curves = pr_curves(getattr(metrics, own[0]) if own else metrics.box, class_names)
     name = PRIMARY[task][0]
     return utils.ValidationResult(
-        task_type={"detect": "object_detection", "segment": "instance_segmentation",
-                   "classify": "image_classification"}[task],
+        task_type=TASK_TYPES[task],
         metrics=values, primary_metric_name=name, primary_metric_value=values[name],
         overall_loss=loss, per_class_metrics=per_class, confusion_matrix=confusion,
         pr_curves=curves, class_names=list(class_names))
 
 
-def summary(metric: Any, prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}mAP@0.5": float(metric.map50), f"{prefix}mAP@0.5:0.95": float(metric.map),
-            f"{prefix}precision": float(metric.mp), f"{prefix}recall": float(metric.mr)}
+def summary(metric: Any, suffix: str = "") -> dict[str, float]:
+    if suffix:  # the names the UI reads for masks and keypoints: mAP50(M), mAP50-95(M), ...
+        return {f"mAP50{suffix}": float(metric.map50), f"mAP50-95{suffix}": float(metric.map),
+                f"precision{suffix}": float(metric.mp), f"recall{suffix}": float(metric.mr)}
+    return {"mAP@0.5": float(metric.map50), "mAP@0.5:0.95": float(metric.map),
+            "precision": float(metric.mp), "recall": float(metric.mr)}
 
 
 def detection(task: str, metrics: Any, class_names: list[str],
               ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    main = metrics.seg if task == "segment" else metrics.box
-    values = summary(main)
-    if task == "segment":
-        values.update(summary(metrics.box, "box_"))
+    """Box metrics under the contract's names; for segmentation and pose, the masks' or the
+    keypoints' beside them with their suffix (and OKS for pose)."""
+    parts = [(metrics.box, "")]
+    if task in OWN_METRICS:
+        attribute, suffix = OWN_METRICS[task]
+        parts.append((getattr(metrics, attribute), suffix))
+    values: dict[str, float] = {}
+    for metric, suffix in parts:
+        values.update(summary(metric, suffix))
+    if task == "pose":
+        values["OKS"] = float(getattr(metrics, "oks", 0.0))
     support = metrics.nt_per_class if metrics.nt_per_class is not None else ()
-    per_class = {name: {"ap_50": 0.0, "ap_50_95": 0.0, "precision": 0.0, "recall": 0.0,
-                        "support": int(support[i]) if i < len(support) else 0}
-                 for i, name in enumerate(class_names)}
-    for row, class_id in enumerate(main.ap_class_index):
-        entry = per_class[class_names[int(class_id)]]
-        entry.update(ap_50=float(main.ap50[row]), ap_50_95=float(main.ap[row]),
-                     precision=float(main.p[row]), recall=float(main.r[row]))
-        if task == "segment":
-            entry.update(box_ap_50=float(metrics.box.ap50[row]),
-                         box_ap_50_95=float(metrics.box.ap[row]))
+    per_class: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(class_names):
+        per_class[name] = {}
+        for _, suffix in parts:
+            per_class[name].update({f"ap_50{suffix}": 0.0, f"ap_50_95{suffix}": 0.0,
+                                    f"precision{suffix}": 0.0, f"recall{suffix}": 0.0})
+        per_class[name]["support"] = int(support[i]) if i < len(support) else 0
+    for metric, suffix in parts:
+        for row, class_id in enumerate(metric.ap_class_index):
+            per_class[class_names[int(class_id)]].update({
+                f"ap_50{suffix}": float(metric.ap50[row]),
+                f"ap_50_95{suffix}": float(metric.ap[row]),
+                f"precision{suffix}": float(metric.p[row]),
+                f"recall{suffix}": float(metric.r[row])})
     return values, per_class
 
 

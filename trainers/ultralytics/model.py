@@ -23,17 +23,18 @@ TASKS = {
     "object_detection": "detect",
     "instance_segmentation": "segment",
     "image_classification": "classify",
+    "pose_estimation": "pose",
 }
 TASK_TYPES = {task: task_type for task_type, task in TASKS.items()}
-SUFFIXES = {"detect": "", "segment": "-seg", "classify": "-cls"}
-OTHER_SUFFIXES = {"-pose": "pose", "-obb": "obb", "-sem": "semantic", "-depth": "depth"}
+SUFFIXES = {"detect": "", "segment": "-seg", "classify": "-cls", "pose": "-pose"}
+OTHER_SUFFIXES = {"-obb": "obb", "-sem": "semantic", "-depth": "depth"}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str  # e.g. yolo11n-seg
-    task: str  # Ultralytics task: detect, segment, classify
+    task: str  # Ultralytics task: detect, segment, classify, pose
 
     @property
     def config(self) -> str:
@@ -150,6 +151,35 @@ def ultralytics_device(setting: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Keypoints:
+    """A pose model's keypoints: `kpt_shape` ([count, 2 or 3]), their names in order and the
+    skeleton (0-based index pairs), as the model carries them (`kpt_names`, `kpt_skeleton`)."""
+
+    shape: tuple[int, int]
+    names: tuple[str, ...]
+    skeleton: tuple[tuple[int, int], ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "names": list(self.names),
+                "skeleton": [list(pair) for pair in self.skeleton]}
+
+
+def keypoints_of(model: Any) -> Keypoints | None:
+    """The keypoints a pose model carries: Ultralytics keeps `kpt_shape` and `kpt_names`
+    ({class id: names}) on the model; the skeleton is ours (`kpt_skeleton`, set in training)."""
+    shape = getattr(model, "kpt_shape", None)
+    if not shape:
+        return None
+    count = int(shape[0])
+    names = getattr(model, "kpt_names", None) or {}
+    first = names.get(0) if isinstance(names, dict) else names
+    names = tuple(str(n) for n in first) if first and len(first) == count else tuple(
+        str(i) for i in range(count))
+    skeleton = tuple((int(a), int(b)) for a, b in getattr(model, "kpt_skeleton", None) or ())
+    return Keypoints((count, int(shape[1])), names, skeleton)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
     task: str
@@ -160,6 +190,7 @@ class CheckpointInfo:
     total_epochs: int | None  # what its run was asked for
     resumable: bool  # an interrupted run: optimizer state and epoch inside
     train_results: dict[str, list[Any]]  # results.csv columns so far
+    keypoints: Keypoints | None = None  # pose models: what their keypoints are
 
     @property
     def task_type(self) -> str:
@@ -221,4 +252,5 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
         class_names=class_names(model.names),
         image_size=int(imgsz) if isinstance(imgsz, (int, float)) else None,
         trained_epochs=trained, total_epochs=args.get("epochs"),
-        resumable=epoch >= 0 and ckpt.get("optimizer") is not None, train_results=results)
+        resumable=epoch >= 0 and ckpt.get("optimizer") is not None, train_results=results,
+        keypoints=keypoints_of(model) if task == "pose" else None)

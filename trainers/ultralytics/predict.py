@@ -3,8 +3,10 @@
 CHECKPOINT_PATH + INPUT_PATH (storage key of an image, a .zip of images, or a prefix ending in
 /; or a local file or folder) -> predictions.json and one annotated image per input, uploaded
 under artifacts/job-{JOB_ID}/predictions/. Per image: boxes as pixel `xyxy`, class id and name,
-confidence; segmentation adds each mask as a polygon in pixels; classification gives the TOP_K
-classes instead. CONF_THRESHOLD and IOU_THRESHOLD filter the detections.
+confidence; segmentation adds each mask as a polygon in pixels; pose adds each object's
+keypoints as `[x, y, confidence]` in pixels, in the order of the file's `keypoint_names` (its
+`skeleton` pairs them); classification gives the TOP_K classes instead. CONF_THRESHOLD and
+IOU_THRESHOLD filter the detections.
 
 By hand, after the sample's training (`pixi run train`), on the sample's own images; the
 outputs land in the git-ignored .sample/artifacts/job-<id>/predictions/:
@@ -38,8 +40,11 @@ def predict(job: utils.Job) -> utils.JobResult:
     with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints its progress to stdout
         info, predictions, annotated = run_predictions(job)
     out = job.work_dir / "predictions" / "predictions.json"
+    keypoints = ({"keypoint_names": list(info.keypoints.names),
+                  "skeleton": [list(pair) for pair in info.keypoints.skeleton]}
+                 if info.keypoints else {})
     out.write_text(json.dumps({"task_type": info.task_type, "class_names": info.class_names,
-                               "checkpoint": job.cfg.checkpoint_path,
+                               **keypoints, "checkpoint": job.cfg.checkpoint_path,
                                "predictions": predictions}, indent=2, ensure_ascii=False),
                    encoding="utf-8")
     job.upload_artifacts([out], "predictions")
@@ -112,6 +117,8 @@ def describe(result: Any, class_names: list[str], top_k: int) -> dict[str, Any]:
         return entry
     detections = []
     polygons = result.masks.xy if result.masks is not None else None
+    keypoints = result.keypoints.data.float().cpu().tolist() if result.keypoints is not None \
+        else None
     for i, (box, conf, cls) in enumerate(zip(result.boxes.xyxy.tolist(),
                                              result.boxes.conf.tolist(),
                                              result.boxes.cls.tolist(), strict=True)):
@@ -121,6 +128,10 @@ def describe(result: Any, class_names: list[str], top_k: int) -> dict[str, Any]:
         if polygons is not None:
             detection["polygon"] = [[round(float(x), 2), round(float(y), 2)]
                                     for x, y in polygons[i]]
+        if keypoints is not None:  # x, y, confidence (visibility: 1 when a model has none)
+            detection["keypoints"] = [[round(float(k[0]), 2), round(float(k[1]), 2),
+                                       round(float(k[2]) if len(k) > 2 else 1.0, 6)]
+                                      for k in keypoints[i]]
         detections.append(detection)
     entry["detections"] = detections
     return entry

@@ -61,8 +61,32 @@ def platform_trainer(base: type, task: str) -> type:
                 self.best.unlink(missing_ok=True)
                 self.best = best
 
+    if task == "pose":
+        PlatformTrainer = pose_trainer(PlatformTrainer)
     PlatformTrainer.__name__ = PlatformTrainer.__qualname__ = f"Platform{base.__name__}"
     return PlatformTrainer
+
+
+def pose_trainer(base: type) -> type:
+    """Pose training that reports OKS (pose.validator_class) and keeps the skeleton: the model
+    carries `kpt_skeleton` (0-based pairs from data.yaml's `skeleton`) beside Ultralytics' own
+    `kpt_shape` and `kpt_names`, so the checkpoint describes its keypoints in full."""
+    from copy import copy
+
+    import pose
+
+    class PoseTrainer(base):
+        def get_validator(self):
+            super().get_validator()  # Ultralytics' own, for what it sets on the trainer
+            return pose.validator_class()(self.test_loader, save_dir=self.save_dir,
+                                          args=copy(self.args), _callbacks=self.callbacks)
+
+        def set_model_attributes(self):
+            super().set_model_attributes()
+            self.model.kpt_skeleton = [list(map(int, pair))
+                                       for pair in self.data.get("skeleton") or ()]
+
+    return PoseTrainer
 
 
 class EpochReporter:

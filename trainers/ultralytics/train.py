@@ -1,15 +1,18 @@
-"""Train Ultralytics YOLO (detection, segmentation, classification) on the platform contract.
+"""Train Ultralytics YOLO (detection, segmentation, pose, classification) on the platform
+contract.
 
 The platform runs this as a job configured by environment variables (see --help; a flag wins
-over its variable). It stages datasets/{DATASET_ID}.zip (YOLO layout with data.yaml; image folders
-for classification), trains, reports every epoch to the backend and MLflow with the platform's
-metric names, uploads checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt, validates best.pt at the
-end, uploads its plots and results to artifacts/job-{JOB_ID}/ and ends with a `completed`,
-`failed` or `cancelled` status.
+over its variable). It stages datasets/{DATASET_ID}.zip (the platform's annotations; or the
+YOLO layout with data.yaml, image folders for classification), trains, reports every epoch to
+the backend and MLflow with the platform's metric names, uploads
+checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt, validates best.pt at the end, uploads its plots
+and results to artifacts/job-{JOB_ID}/ and ends with a `completed`, `failed` or `cancelled`
+status.
 
-MODEL_NAME (or TASK_TYPE) picks the task: yolo11n detects, yolo11n-seg segments, yolo11n-cls
-classifies. CHECKPOINT_PATH resumes an interrupted run's last.pt at its next epoch, or fine-tunes
-a finished model. DEVICE=0,1,... trains on several GPUs under torchrun (rank 0 reports).
+MODEL_NAME (or TASK_TYPE) picks the task: yolo11n detects, yolo11n-seg segments, yolo11n-pose
+finds keypoints, yolo11n-cls classifies. CHECKPOINT_PATH resumes an interrupted run's last.pt at
+its next epoch, or fine-tunes a finished model. DEVICE=0,1,... trains on several GPUs under
+torchrun (rank 0 reports).
 """
 
 from __future__ import annotations
@@ -90,7 +93,10 @@ def fit(job: utils.Job):
 
     start = choose_start(job, spec, weights_dir)
     root = distributed.rank_zero_first(job, "dataset", lambda: str(job.stage_dataset()))
-    dataset = prepare_dataset(Path(root), start.task, job.work_dir, cfg.max_bad_images)
+    dataset = prepare_dataset(Path(root), start.task, job.work_dir, cfg.max_bad_images,
+                              val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    if dataset.annotations is not None:
+        job.record_split(dataset.annotations)
     if start.resume and dataset.class_names != start.checkpoint.class_names:
         raise utils.DatasetError(
             f"cannot resume: the checkpoint's classes {start.checkpoint.class_names} differ "

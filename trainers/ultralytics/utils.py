@@ -808,14 +808,29 @@ _JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "bo
                "json": "object"}
 _DETECTION_METRICS = ("mAP@0.5", "mAP@0.5:0.95", "precision", "recall")
 _DETECTION_PER_CLASS = ("ap_50", "ap_50_95", "precision", "recall", "support")
+
+
+def _own_metrics(suffix: str) -> tuple[str, ...]:
+    """Mask (M) or keypoint (P) metrics, which the UI shows beside the box ones."""
+    return (f"mAP50{suffix}", f"mAP50-95{suffix}", f"precision{suffix}", f"recall{suffix}")
+
+
+def _own_per_class(suffix: str) -> tuple[str, ...]:
+    return (f"ap_50{suffix}", f"ap_50_95{suffix}", f"precision{suffix}", f"recall{suffix}")
+
+
 # task -> (primary metric, metrics, per-class metrics): the names the platform's UI reads.
 TASK_METRICS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "image_classification": ("accuracy", ("accuracy", "precision", "recall", "f1_score",
                                           "top5_accuracy"),
                              ("precision", "recall", "f1_score", "support")),
     "object_detection": ("mAP@0.5:0.95", _DETECTION_METRICS, _DETECTION_PER_CLASS),
-    "instance_segmentation": ("mAP@0.5:0.95", _DETECTION_METRICS, _DETECTION_PER_CLASS),
-    "pose_estimation": ("mAP@0.5:0.95", _DETECTION_METRICS, _DETECTION_PER_CLASS),
+    "instance_segmentation": (
+        "mAP50-95(M)", (*_DETECTION_METRICS, *_own_metrics("(M)")),
+        (*_DETECTION_PER_CLASS, *_own_per_class("(M)"))),
+    "pose_estimation": (
+        "mAP50-95(P)", (*_DETECTION_METRICS, *_own_metrics("(P)"), "OKS"),
+        (*_DETECTION_PER_CLASS, *_own_per_class("(P)"))),
 }
 
 
