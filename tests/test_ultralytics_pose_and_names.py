@@ -189,6 +189,18 @@ def test_pose_trains_with_keypoint_metrics_and_oks(servers: Servers, pose_traine
     assert validation["metrics"]["OKS"] > 0.0
     training = of_job(servers.backend, "training-metrics", "pose")[0]["extra_metrics"]
     assert {"pose_loss", "kobj_loss"} <= set(training)
+    # The UI's per-image view: every val image's labelled corners, the predicted ones, its OKS.
+    [images] = [c.body for c in servers.backend.calls if c.route == "validation-image-results"
+                and c.body[0]["job_id"] == "pose"]
+    assert len(images) == 4
+    for result in images:
+        assert result["validation_result_id"] is not None
+        assert result["true_keypoints"], "every sample image holds a square"
+        for truth in result["true_keypoints"]:  # each square's 4 corners, in pixels
+            assert truth["class_name"] == "square" and len(truth["keypoints"]) == 4
+            assert all(0 <= x <= 128 and 0 <= y <= 128 for x, y, _ in truth["keypoints"])
+        assert all(len(p["keypoints"]) == 4 for p in result["predicted_keypoints"])
+        assert 0.0 <= result["oks"] <= 1.0
     servers.no_network("pose")
 
 

@@ -68,6 +68,8 @@ def record(task: str, index: int, image: Path, name: str, result: Any,
         strict=True)]
     entry = utils.detection_image_record(index, image, name, true_boxes(image, width, height),
                                          predicted, class_names)
+    if task == "pose":
+        entry.update(keypoint_fields(image, width, height, result, class_names))
     if task == "segment":  # the masks as images (the contract's fields); boxes in extra_data
         boxes = {key: entry.pop(key) for key in ("true_boxes", "predicted_boxes", "iou")}
         entry.update(true_mask_path=None, predicted_mask_path=None, extra_data=boxes)
@@ -81,6 +83,62 @@ def record(task: str, index: int, image: Path, name: str, result: Any,
             entry["predicted_mask_file"] = write_mask(
                 mask_dir / "predicted" / stem, width, height, predicted_polygons)
     return entry
+
+
+def keypoint_fields(image: Path, width: int, height: int, result: Any,
+                    class_names: list[str]) -> dict[str, Any]:
+    """`true_keypoints` / `predicted_keypoints` ([{class_id, class_name, keypoints: [[x, y, v
+    or confidence], ...]}], pixels) and the image's `oks`: the mean over its labelled objects of
+    each one's OKS with the prediction matched to it (0 when missed), as the validation's OKS."""
+    import numpy as np
+    import torch
+    from pose import matched_similarities
+    from ultralytics.utils.metrics import OKS_SIGMA, kpt_iou
+
+    truth = true_keypoints(image, width, height)
+    predicted = result.keypoints.data.tolist() if result.keypoints is not None else []
+    classes = [int(c) for c in result.boxes.cls.tolist()]
+
+    def named(class_id: int, points: list) -> dict[str, Any]:
+        return {"class_id": class_id, "class_name": class_names[class_id],
+                "keypoints": [[round(float(v), 2) for v in point] for point in points]}
+
+    fields: dict[str, Any] = {
+        "true_keypoints": [named(c, points) for c, _, points in truth],
+        "predicted_keypoints": [named(c, points) for c, points in zip(classes, predicted,
+                                                                      strict=False)]}
+    labelled = [(c, box, points) for c, box, points in truth if any(v for *_, v in points)]
+    if not labelled:
+        fields["oks"] = None
+        return fields
+    if not predicted:
+        fields["oks"] = 0.0
+        return fields
+    count = len(labelled[0][2])
+    sigma = OKS_SIGMA if count == 17 else np.ones(count) / count  # as Ultralytics' validator
+    true = torch.tensor([points for _, _, points in labelled], dtype=torch.float32)
+    area = torch.tensor([(x2 - x1) * (y2 - y1) * 0.53 for _, (x1, y1, x2, y2), _ in labelled])
+    oks = kpt_iou(true, torch.tensor(predicted, dtype=torch.float32), area=area, sigma=sigma)
+    same_class = np.array([[c == p for p in classes] for c, _, _ in labelled])
+    fields["oks"] = float(np.mean(matched_similarities(oks.numpy(), same_class)))
+    return fields
+
+
+def true_keypoints(image: Path, width: int, height: int) -> list[tuple[int, tuple, list]]:
+    """The image's pose label as (class id, box xyxy in pixels, [[x, y, v], ...] in pixels)."""
+    objects = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in label_file(image).read_text(encoding="utf-8").splitlines():
+            values = [float(v) for v in line.split()]
+            if len(values) < 8 or (len(values) - 5) % 3:
+                continue
+            _, cx, cy, w, h = values[:5]
+            box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+                   (cy + h / 2) * height)
+            points = [[x * width, y * height, v] for x, y, v in zip(
+                values[5::3], values[6::3], values[7::3], strict=True)]
+            objects.append((int(values[0]), box, points))
+    return objects
 
 
 def label_file(image: Path) -> Path:
