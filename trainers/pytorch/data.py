@@ -67,35 +67,17 @@ def without_bad_images(items: list[tuple[Path, int]], root: Path,
     return [item for item in items if item[0] in good]
 
 
-def read_platform(root: Path, *, val_fraction: float = 0.2,
-                  split_seed: int = 42) -> utils.PlatformDataset | None:
-    """The dataset's platform annotations, or None when it has none (an image-folder one)."""
-    if utils.find_platform_annotations(root, TASK) is None:
-        return None
-    return utils.read_platform_annotations(root, TASK, val_fraction=val_fraction,
-                                           split_seed=split_seed)
-
-
 def unknown_format(root: Path) -> utils.DatasetError:
     from capabilities import CAPABILITIES
 
     return utils.dataset_format_error(root, CAPABILITIES.dataset_layouts)
 
 
-def platform_split(platform: utils.PlatformDataset, split: str,
-                   class_names: list[str]) -> list[tuple[Path, int]]:
-    items = utils.platform_items(platform, split, class_names)
-    if not items:
-        raise utils.DatasetError(
-            f"{platform.annotation_file.name}: no {split} images with a class (split from "
-            f"{platform.split_source}: {platform.split_counts()})")
-    return items
-
-
 def split_items(root: Path, split: str, class_names: list[str], *, max_bad_images: int = 0,
                 val_fraction: float = 0.2, split_seed: int = 42) -> list[tuple[Path, int]]:
     """One split to evaluate, labelled by `class_names` (the checkpoint's), either layout."""
-    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    platform = utils.platform_annotations_if_any(root, TASK, val_fraction=val_fraction,
+                                                split_seed=split_seed)
     if platform is None:
         split_dir = find_split(root, split)
         found = read_class_names(split_dir)
@@ -103,7 +85,8 @@ def split_items(root: Path, split: str, class_names: list[str], *, max_bad_image
             raise utils.DatasetError(
                 f"{split} split classes {found} differ from the checkpoint's {class_names}")
         return index_images(split_dir, class_names, max_bad_images)
-    return without_bad_images(platform_split(platform, split, class_names), root, max_bad_images)
+    return without_bad_images(utils.platform_items(platform, split, class_names), root,
+                              max_bad_images)
 
 
 class ImageFolder(Dataset):
@@ -136,11 +119,12 @@ class Splits:
 
 def load_splits(root: Path, image_size: int, max_bad_images: int = 0, *,
                 val_fraction: float = 0.2, split_seed: int = 42) -> Splits:
-    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    platform = utils.platform_annotations_if_any(root, TASK, val_fraction=val_fraction,
+                                                split_seed=split_seed)
     if platform is not None:
         class_names = list(platform.class_names)
-        train = platform_split(platform, "train", class_names)
-        val = platform_split(platform, "val", class_names)
+        train = utils.platform_items(platform, "train", class_names)
+        val = utils.platform_items(platform, "val", class_names)
     elif not any((root / name).is_dir() for name in SPLIT_NAMES["train"]):
         raise unknown_format(root)
     else:

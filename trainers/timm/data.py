@@ -105,11 +105,12 @@ def load_splits(root: Path, *, max_bad_images: int = 0, val_fraction: float = 0.
                 split_seed: int = 42) -> Splits:
     """train/ and val/ indexed and checked: same classes, no empty class, every image readable;
     from the platform's annotations when the dataset has them."""
-    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    platform = utils.platform_annotations_if_any(root, TASK, val_fraction=val_fraction,
+                                                split_seed=split_seed)
     if platform is not None:
         class_names = list(platform.class_names)
-        train = platform_split(platform, "train", class_names)
-        val = platform_split(platform, "val", class_names)
+        train = utils.platform_items(platform, "train", class_names)
+        val = utils.platform_items(platform, "val", class_names)
     elif not any((root / name).is_dir() for name in SPLIT_NAMES["train"]):
         raise unknown_format(root)
     else:
@@ -124,40 +125,23 @@ def load_splits(root: Path, *, max_bad_images: int = 0, val_fraction: float = 0.
                   [item for item in val if item in good], platform)
 
 
-def read_platform(root: Path, *, val_fraction: float = 0.2,
-                  split_seed: int = 42) -> utils.PlatformDataset | None:
-    """The dataset's platform annotations, or None when it has none (an image-folder one)."""
-    if utils.find_platform_annotations(root, TASK) is None:
-        return None
-    return utils.read_platform_annotations(root, TASK, val_fraction=val_fraction,
-                                           split_seed=split_seed)
-
-
 def unknown_format(root: Path) -> utils.DatasetError:
     from capabilities import CAPABILITIES
 
     return utils.dataset_format_error(root, CAPABILITIES.dataset_layouts)
 
 
-def platform_split(platform: utils.PlatformDataset, split: str,
-                   class_names: list[str]) -> list[tuple[Path, int]]:
-    items = utils.platform_items(platform, split, class_names)
-    if not items:
-        raise utils.DatasetError(
-            f"{platform.annotation_file.name}: no {split} images with a class (split from "
-            f"{platform.split_source}: {platform.split_counts()})")
-    return items
-
-
 def split_items(root: Path, split: str, class_names: list[str], *, max_bad_images: int = 0,
                 val_fraction: float = 0.2, split_seed: int = 42) -> list[tuple[Path, int]]:
     """One split to evaluate, labelled by `class_names` (the checkpoint's), either layout."""
-    platform = read_platform(root, val_fraction=val_fraction, split_seed=split_seed)
+    platform = utils.platform_annotations_if_any(root, TASK, val_fraction=val_fraction,
+                                                split_seed=split_seed)
     if platform is None:
         split_dir = find_split(root, split)
         check_same_classes(split_dir, class_names, "the checkpoint's")
         return index_images(split_dir, class_names, max_bad_images=max_bad_images)
-    return without_bad_images(platform_split(platform, split, class_names), root, max_bad_images)
+    return without_bad_images(utils.platform_items(platform, split, class_names), root,
+                              max_bad_images)
 
 
 class ImageFolder(Dataset):

@@ -2607,7 +2607,20 @@ def platform_items(dataset: PlatformDataset, split: str,
     if len(used) < len(images):
         log.info("%s: %d %s image(s) without a class left out (negatives or unlabelled)",
                  dataset.annotation_file.name, len(images) - len(used), split)
+    if not used:
+        raise DatasetError(f"{dataset.annotation_file.name}: no {split} images with a class "
+                           f"(split from {dataset.split_source}: {dataset.split_counts()})")
     return [(image.path, index[dataset.class_names[image.label]]) for image in used]
+
+
+def platform_annotations_if_any(root: Path, task_type: str, *, val_fraction: float = 0.2,
+                                split_seed: int = 42) -> PlatformDataset | None:
+    """The dataset's platform annotations for `task_type`, or None when it has none (a dataset
+    in a framework's own layout)."""
+    if find_platform_annotations(root, task_type) is None:
+        return None
+    return read_platform_annotations(root, task_type, val_fraction=val_fraction,
+                                     split_seed=split_seed)
 
 
 def dataset_format_error(root: Path, layouts: Sequence[DatasetLayout]) -> DatasetError:
