@@ -122,31 +122,33 @@ def check_completed(sc: Scenario, result: RunResult, *, epochs: int = EPOCHS,
 
 def stored_calls(result: RunResult) -> list:
     assert result.backend is not None
-    return [c for c in result.backend.calls if c.body.get("job_id") == result.job_id]
+    return [c for c in result.backend.calls if c.envelope.get("job_id") == result.job_id]
 
 
 def check_delivered_in_order(sc: Scenario, result: RunResult) -> None:
     """Every event of the run stored once, in `seq` order, with the body the journal holds."""
     sent = [e["seq"] for e in result.events]
     mine = set(sent)
-    stored = [c for c in stored_calls(result) if c.body.get("seq") in mine]
-    seqs = [c.body["seq"] for c in stored]
+    stored = [c for c in stored_calls(result) if c.envelope.get("seq") in mine]
+    seqs = [c.envelope["seq"] for c in stored]
     lost = sorted(mine - set(seqs))
     sc.check(not lost, f"{result.scenario}: events never stored by the backend: seq {lost} "
              f"({[e['route'] for e in result.events if e['seq'] in lost]})", result)
     sc.check(seqs == sent, f"{result.scenario}: events stored in the order {seqs}, "
              f"expected {sent}", result)
     journal = {e["seq"]: e["body"] for e in result.events}
-    differing = [c.body["seq"] for c in stored
-                 if json.dumps(c.body, sort_keys=True) != json.dumps(journal[c.body["seq"]],
-                                                                     sort_keys=True)]
+    # Per-image results are journaled as {job_id, seq, after_seq, results} and sent as the list
+    # of results, each given the backend's validation_result_id on delivery.
+    differing = [c.envelope["seq"] for c in stored if not isinstance(c.body, list)
+                 and json.dumps(c.body, sort_keys=True) != json.dumps(journal[c.envelope["seq"]],
+                                                                      sort_keys=True)]
     sc.check(not differing, f"{result.scenario}: bodies differ from callbacks.jsonl for seq "
              f"{differing}")
     for call in stored:
         key = call.headers.get("Idempotency-Key")
         sc.check(bool(key) and key.startswith(f"{result.job_id}:")
-                 and key.endswith(f":{call.body['seq']}"),
-                 f"{result.scenario}: Idempotency-Key {key!r} for seq {call.body['seq']}")
+                 and key.endswith(f":{call.envelope['seq']}"),
+                 f"{result.scenario}: Idempotency-Key {key!r} for seq {call.envelope['seq']}")
 
 
 def _number(value: Any) -> bool:

@@ -445,7 +445,7 @@ def backend_trickle(subject: Subject) -> RunResult:
         sc.record(result)
         check_completed(sc, result)
         check_not_slowed(sc, result)
-        stored = {c.body.get("seq") for c in backend.calls}
+        stored = {c.envelope.get("seq") for c in backend.calls}
         first_epochs = [e["seq"] for e in result.events if e["route"] == "training-metrics"][:2]
         sc.check(set(first_epochs) <= stored, "the events behind the first trickled answer "
                  f"never reached the backend (stored seq {sorted(stored)})", result)

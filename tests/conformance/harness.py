@@ -485,10 +485,10 @@ class RunResult:
         sent = {e["seq"] for e in self.events}
         if self.backend is None:
             return {"sent": len(sent), "delivered": 0, "duplicated": 0, "lost": len(sent)}
-        stored = {c.body.get("seq") for c in self.backend.calls
-                  if c.body.get("job_id") == self.job_id} & sent
-        duplicated = sum(1 for c in self.backend.duplicates if c.body.get("seq") in sent
-                         and c.body.get("job_id") == self.job_id)
+        stored = {c.envelope.get("seq") for c in self.backend.calls
+                  if c.envelope.get("job_id") == self.job_id} & sent
+        duplicated = sum(1 for c in self.backend.duplicates if c.envelope.get("seq") in sent
+                         and c.envelope.get("job_id") == self.job_id)
         return {"sent": len(sent), "delivered": len(stored), "duplicated": duplicated,
                 "lost": len(sent - stored)}
 

@@ -308,6 +308,14 @@ class Call:
     path: str = ""  # the full request path, to check the base path was joined, not replaced
     answered: int = 200
 
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The event's own fields (`job_id`, `seq`): the body, or the first record of a list
+        body (per-image results: every record carries the event's `job_id` and `seq`)."""
+        if isinstance(self.body, list):
+            return self.body[0] if self.body and isinstance(self.body[0], dict) else {}
+        return self.body
+
 
 # Every body a job wired by `RecordingBackend.env` sent that the published callback API rejects,
 # as "<test backend url> <METHOD> /<route>: <problem>", across the whole test session (conftest
