@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
@@ -295,12 +293,11 @@ def platform_layout(root: Path, task: str, dataset: Any) -> Path:
     leaves nothing that a retry would take for a finished conversion.
     """
     file = dataset.annotation_file
-    digest = hashlib.sha256(file.read_bytes())
     splits = {split: [image.id for image in dataset.split(split)] for split in ("val", "test")}
-    digest.update(json.dumps([CONVERTER_VERSION, task, splits]).encode())
+    digest = utils.json_digest([utils.file_sha256(file), CONVERTER_VERSION, task, splits])
     # A hidden sibling of the dataset's root: in the cache entry of this dataset version, and
     # never inside the dataset, which the reader and the image checks walk.
-    target = root.parent / f".{root.name}.ultralytics-{task}-{digest.hexdigest()[:16]}"
+    target = root.parent / f".{root.name}.ultralytics-{task}-{digest[:16]}"
     for split in ("train", "val"):
         if not dataset.split(split):
             raise utils.DatasetError(f"{file.name}: the {split} split has no images "

@@ -58,7 +58,7 @@ def record(task: str, index: int, image: Path, name: str, result: Any,
            class_names: list[str], mask_dir: Path | None = None) -> dict[str, Any]:
     if task == "classify":
         probs = result.probs
-        true_id = class_names.index(image.parent.name)
+        true_id = class_id_of_folder(image.parent.name, class_names)
         return utils.classification_image_record(
             index, image, name, true_id, list(probs.top5), [float(c) for c in probs.top5conf],
             class_names)
@@ -83,6 +83,14 @@ def record(task: str, index: int, image: Path, name: str, result: Any,
             entry["predicted_mask_file"] = write_mask(
                 mask_dir / "predicted" / stem, width, height, predicted_polygons)
     return entry
+
+
+def class_id_of_folder(folder: str, class_names: list[str]) -> int:
+    """A classification image's class from its folder: the class's name (image folders), or
+    its id (platform annotations are converted to class-id folders, keeping their order)."""
+    if folder in class_names:
+        return class_names.index(folder)
+    return int(folder)
 
 
 def keypoint_fields(image: Path, width: int, height: int, result: Any,

@@ -3464,7 +3464,9 @@ class LogShipper(logging.Handler):
                 if not self._lines:
                     return
                 line = self._lines[0]
-            if self.client.pending() or self.client.disabled_reason:  # events go first
+            # Events go first, and logs go only to a backend that has accepted one: a backend
+            # that redirects, refuses the token or fails TLS hears from the event lane alone.
+            if self.client.pending() or self.client.disabled_reason or not self.client.delivered:
                 self._pause(0.05)
                 if self._time_left() <= 0:
                     return
@@ -4733,6 +4735,11 @@ def classification_metrics(confusion: Any, class_names: Sequence[str], top5_corr
 # -- exported models: metadata.json (schemas/export-metadata.schema.json), archive, upload ------
 
 EXPORT_METADATA_VERSION = 1
+
+
+def json_digest(value: Any) -> str:
+    """Hex SHA-256 of a JSON value (keys sorted): a stable key for a cache entry."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
