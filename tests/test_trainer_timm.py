@@ -409,7 +409,7 @@ BAD_INPUTS = {
         EXIT_DATA, "class folder train/3 has no images"),
     "unreadable image": (
         {"replace": {PNG_0: b"not an image"}}, {}, EXIT_DATA,
-        "unreadable image train/0/0_0000.png"),
+        "train/0/0_0000.png: unreadable"),
     "unknown EXTRA_ARGS keys": (
         None, {"EXTRA_ARGS": '{"drop_rate": 0.1, "dropout": 0.5, "depth": 4}'}, EXIT_CONFIG,
         "EXTRA_ARGS.dropout is not an option of this trainer"),
