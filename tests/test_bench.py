@@ -58,6 +58,25 @@ def test_markdown_without_markers_is_an_error() -> None:
     with pytest.raises(bench.BenchError, match="generated:bench"):
         bench.fill_markdown("# no block here\n", "| table |\n")
 
+def test_a_trainers_bench_toml_declares_its_row(tmp_path: Path) -> None:
+    from tools.benchmarks import configured
+
+    declared = tmp_path / "trainers" / "newfw"
+    declared.mkdir(parents=True)
+    (declared / "bench.toml").write_text('figure = "newfw epoch time"\ngoal = 1.05\n')
+    (tmp_path / "trainers" / "other").mkdir()  # no bench.toml: no row
+    assert configured.discover(tmp_path / "trainers") == {"newfw": declared / "bench.toml"}
+    assert configured.figure_name(declared / "bench.toml") == "newfw epoch time"
+    with pytest.raises(configured.BenchError, match="missing dataset_id, sample, baseline"):
+        configured.load(declared / "bench.toml")
+
+
+def test_every_declared_row_is_measured_by_the_bench_tool() -> None:
+    bench = load_bench()
+    for slug in bench.DECLARED:
+        assert slug in bench.ROWS and slug in bench.RUN_ORDER
+        assert bench.figure(slug) == bench.configured.load(bench.DECLARED[slug])["figure"]
+
 
 @pytest.mark.slow
 def test_smoke_size_runs_and_prints_every_row(tmp_path: Path) -> None:
@@ -70,7 +89,7 @@ def test_smoke_size_runs_and_prints_every_row(tmp_path: Path) -> None:
          "--work-dir", str(tmp_path / "work")],
         cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    figures = [bench.FIGURES[name] for name in bench.ROWS if name != "startup"]
+    figures = [bench.figure(name) for name in bench.ROWS if name != "startup"]
     figures += ["staging, second time (cache)"]
     figures += [f"start-up: {p.parent.name}" for p in sorted(REPO.glob("trainers/*/train.py"))]
     for figure in figures:

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.benchmarks import measure  # noqa: E402
+from tools.benchmarks import configured, measure  # noqa: E402
 from tools.benchmarks.measure import FIGURES, BenchError, Row, Size  # noqa: E402
 
 SIZES = {
@@ -68,6 +68,14 @@ ROWS: dict[str, Callable[[measure.Bench], list[Row]]] = {
 }
 # Cheap rows first: the MLflow server starts meanwhile (~15 s).
 RUN_ORDER = ("startup", "staging", "folder", "annotations", "checkpoint", "hung", "yolo", "timm")
+# Trainers that declare their own row (trainers/<slug>/bench.toml) come last, by slug.
+DECLARED = configured.discover()
+ROWS |= configured.rows()
+RUN_ORDER += tuple(DECLARED)
+
+
+def figure(name: str) -> str:
+    return FIGURES.get(name) or configured.figure_name(DECLARED[name])
 
 MARKER_OPEN = re.compile(r"^<!-- generated:bench\b.*-->\s*$", re.M)
 MARKER_CLOSE = "<!-- /generated:bench -->"
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = ROWS[name](bench)
             except BenchError as exc:
                 failed = True
-                results[name] = [Row.error(FIGURES[name], str(exc))]
+                results[name] = [Row.error(figure(name), str(exc))]
             print(f"bench: {name} done in {time.monotonic() - started:.0f} s", file=sys.stderr,
                   flush=True)
     rows = [row for name in ROWS if name in results for row in results[name]]
