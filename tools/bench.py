@@ -22,11 +22,8 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +36,7 @@ if str(REPO) not in sys.path:
 
 from tools.benchmarks import configured, measure  # noqa: E402
 from tools.benchmarks.measure import FIGURES, BenchError, Row, Size  # noqa: E402
+from tools.measured_on import commit, machine  # noqa: E402
 
 SIZES = {
     "smoke": Size(name="smoke", repeat=1, startup_repeat=2, archive_mb=4, archive_files=100,
@@ -98,39 +96,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="scratch folder, kept (default: a "
                         "temporary one, removed at the end)")
     return parser.parse_args(argv)
-
-
-def machine() -> str:
-    """One line naming the machine: CPU model, cores, memory, OS, Python, torch."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    memory = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f", {kib / 2**20:.0f} GiB"
-    try:
-        from importlib.metadata import version
-
-        torch = f", torch {version('torch')}"
-    except Exception:
-        torch = ""
-    return (f"{model}, {os.cpu_count()} cores{memory}, {platform.system()} "
-            f"{platform.machine()}, Python {platform.python_version()}{torch}")
-
-
-def commit() -> str:
-    """The commit measured: its short hash, `-dirty` with uncommitted changes."""
-    try:
-        found = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"],
-                               cwd=Path(__file__).parent, capture_output=True, text=True,
-                               timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "an unknown commit (no git)"
-    return f"commit {found.stdout.strip()}" if found.returncode == 0 else "an unknown commit"
 
 
 def format_table(rows: list[Row]) -> str:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
-import platform
 import re
-import subprocess
 import threading
 import time
 from pathlib import Path
+
+from tools.measured_on import commit, machine
 
 HEALTHY = "healthy"  # the scenario every wall time is compared with
 COLUMNS = ("scenario", "events sent", "delivered", "duplicated", "lost",
@@ -52,31 +51,6 @@ class Row:
         return [self.scenario, str(self.sent), str(self.delivered), str(self.duplicated),
                 str(self.lost), ratio, "" if self.exit_code is None else str(self.exit_code),
                 "pass" if self.passed else "FAIL"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cores} CPU cores ({cpu}), {platform.system()} {platform.machine()}, "
-            f"Python {platform.python_version()}")
-
-
-def commit() -> str:
-    """The commit measured: `git describe`'s short hash, `-dirty` with uncommitted changes."""
-    try:
-        found = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"],
-                               cwd=Path(__file__).parent, capture_output=True, text=True,
-                               timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "an unknown commit (no git)"
-    return f"commit {found.stdout.strip()}" if found.returncode == 0 else "an unknown commit"
 
 
 class Report:
