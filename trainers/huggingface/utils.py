@@ -831,6 +831,9 @@ TASK_METRICS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "pose_estimation": (
         "mAP50-95(P)", (*_DETECTION_METRICS, *_own_metrics("(P)"), "OKS"),
         (*_DETECTION_PER_CLASS, *_own_per_class("(P)"))),
+    # Over pixels; per class `support` counts pixels. Class 0 is `background` (contract §2a).
+    "semantic_segmentation": ("mIoU", ("mIoU", "pixel_accuracy", "mean_accuracy"),
+                              ("iou", "accuracy", "support")),
 }
 
 
