@@ -63,6 +63,21 @@ def test_a_fresh_render_is_in_sync(repo_with_new_trainer: Path) -> None:
     assert re.search(r"^vision-x\s+in sync$", result.stdout, re.M), result.stdout
 
 
+def test_a_render_naming_its_own_default_model_is_in_sync(tmp_path: Path) -> None:
+    # The Hugging Face trainer was rendered with default_model=google/vit-base-patch16-224: its
+    # capabilities.json then named tinycnn, and `sync --check` failed before any edit.
+    for name in ("template", "tools"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    rendered = copier(tmp_path, "--data", "default_model=org/some-model", "template",
+                      "trainers/other")
+    assert rendered.returncode == 0, rendered.stderr
+    result = subprocess.run([sys.executable, "tools/sync.py", "--check"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    assert '"default": "org/some-model"' in (tmp_path / "trainers/other/capabilities.json"
+                                              ).read_text()
+
+
 @pytest.mark.slow
 def test_the_rendered_trainer_passes_its_own_smoke_test(repo_with_new_trainer: Path) -> None:
     trainer = repo_with_new_trainer / "trainers/vision-x"

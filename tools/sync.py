@@ -60,6 +60,7 @@ REQUIREMENTS_FILE = "requirements.txt"
 MANIFEST_COMMAND = ("train.py", "--capabilities")
 MANIFEST_TIMEOUT_S = 30  # the command imports utils and the scripts only: well under a second
 TEMPLATE_MANIFEST, PLACEHOLDER_SLUG = "capabilities.json.jinja", "placeholder"
+PLACEHOLDER_MODEL = "placeholder-default-model"  # becomes the default_model answer
 OPTIONS_MODULE, GENERATED_OPTIONS = "options.py", "framework_options.py"
 OPTIONS_COMMAND = ("-c", "import json, options; print(json.dumps(options.generate()))")
 OPTIONS_TIMEOUT_S = 300  # it imports the framework (torch): seconds, more on a busy runner
@@ -260,26 +261,31 @@ def update_generated(path: Path, expected: str, report: TrainerReport, repo: Pat
 
 def sync_template_manifest(template: Path, files: list[str], repo: Path, *,
                            write: bool) -> TrainerReport | None:
-    """template/capabilities.json.jinja: the manifest of a render, its slug made `{{ slug }}`."""
+    """template/capabilities.json.jinja: the manifest of a render, its slug made `{{ slug }}`
+    and MODEL_NAME's default `{{ default_model }}`."""
     if not (template / DECLARATIONS_FILE).is_file():
         return None
     report = TrainerReport(f"template/{TEMPLATE_MANIFEST}")
     with tempfile.TemporaryDirectory(prefix="sync-") as tmp:
         rendered = Path(tmp) / PLACEHOLDER_SLUG
         try:
-            render(template, {"slug": PLACEHOLDER_SLUG}, rendered)
+            render(template, {"slug": PLACEHOLDER_SLUG, "default_model": PLACEHOLDER_MODEL},
+                   rendered)
             text = generate_manifest(rendered, rendered, files)
         except Exception as exc:  # copier raises many types; the manifest its own
             first_line = (str(exc).strip().splitlines() or [""])[-1]
             report.state, report.error = RENDER_ERROR, f"{type(exc).__name__}: {first_line}"
             return report
-    pair = f'"trainer": "{PLACEHOLDER_SLUG}"'
-    if text.count(pair) != 1:
-        report.state, report.error = RENDER_ERROR, f"the manifest does not name {pair} once"
-        return report
-    # Everything but the slug is literal text to jinja.
-    expected = ("{% raw %}" + text.replace(pair, '{% endraw %}"trainer": "{{ slug }}"{% raw %}')
-                + "{% endraw %}")
+    answers = {f'"trainer": "{PLACEHOLDER_SLUG}"': '"trainer": "{{ slug }}"',
+               f'"default": "{PLACEHOLDER_MODEL}"': '"default": {{ default_model | tojson }}'}
+    for pair in answers:
+        if text.count(pair) != 1:
+            report.state, report.error = RENDER_ERROR, f"the manifest does not name {pair} once"
+            return report
+    # Everything but the answers is literal text to jinja.
+    for pair, expression in answers.items():
+        text = text.replace(pair, "{% endraw %}" + expression + "{% raw %}")
+    expected = "{% raw %}" + text + "{% endraw %}"
     update_generated(template / TEMPLATE_MANIFEST, expected, report, repo, write=write)
     return report
 
