@@ -34,7 +34,9 @@ def test_train_evaluate_predict_export_on_the_sample(tmp_path: Path) -> None:
     env = {**os.environ, "STORAGE_TYPE": "local", "LOCAL_STORAGE_ROOT": str(storage),
            "DATASET_ID": "sample", "JOB_ID": "smoke", "WORK_DIR": str(tmp_path / "work"),
            "EPOCHS": "2", "BATCH_SIZE": "8", "NUM_WORKERS": "0", "DEVICE": "cpu",
-           "PRETRAINED": "false", "IMAGE_SIZE": "64"}
+           "PRETRAINED": "false", "IMAGE_SIZE": "64",
+           # The template's own model, whatever default_model was answered (FRAMEWORK: yours).
+           "MODEL_NAME": "tinycnn"}
 
     trained = run("train.py", env)
     assert trained.returncode == 0, trained.stderr[-3000:]
