@@ -2,9 +2,11 @@
 `AutoModelForSemanticSegmentation`, and the contract's metrics (`mIoU`, `pixel_accuracy`,
 `mean_accuracy`; per class `iou`, `accuracy`, `support` in pixels; a pixel confusion matrix).
 
-Masks (contract 2a): the polygons are rasterised with pycocotools, COCO's own reference
-rasteriser, because the platform's format is COCO-based: a mask covers the polygon's area
-(a 10x10 square gives 100 pixels; PIL's `ImageDraw.polygon` also fills the boundary, 121).
+Masks (contract 2a): the polygons are rasterised by COCO's own polygon -> RLE code, because the
+platform's format is COCO-based: a mask covers the polygon's area (a 10x10 square gives 100
+pixels; PIL's `ImageDraw.polygon` also fills the boundary, 121). It is taken from
+faster-coco-eval (`faster_coco_eval.core.mask`, pycocotools' API, maintained; pycocotools itself
+warns on every decode under numpy 2 and is no longer maintained).
 Pixels no polygon covers are `background`, class 0, first in `class_names`; the dataset's
 categories follow in their order; where polygons overlap the later annotation wins.
 
@@ -29,8 +31,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import utils
 from task import Splits
+
+import utils
 
 BACKGROUND = "background"
 TASK_TYPE = "semantic_segmentation"
@@ -111,7 +114,7 @@ def rasterise(image: utils.AnnotatedImage, class_of: Sequence[int]) -> Any:
     """The image's class-index mask (height x width, uint8 or int32): 0 where no polygon lies,
     else `class_of[object.class_id]`, later annotations painted over earlier ones."""
     import numpy as np
-    from pycocotools import mask as coco_mask
+    from faster_coco_eval.core import mask as coco_mask
 
     dtype = np.uint8 if max(class_of, default=0) < 256 else np.int32
     mask = np.zeros((image.height, image.width), dtype=dtype)
