@@ -169,9 +169,17 @@ def test_offline_model_trains_and_rebuilds_from_its_config(seg, sample, model_na
         torch.testing.assert_close(rebuilt(**batch).logits, model(**batch).logits)
 
 
-def test_an_unknown_model_offline_fails_naming_the_known_ones(seg) -> None:
+def test_an_unknown_model_offline_fails_naming_the_known_ones(seg, monkeypatch) -> None:
     with pytest.raises(sys.modules["utils"].ConfigError, match="nvidia/mit-b0"):
         seg.TASK.create_model("someone/unknown", ["background", "a"], pretrained=False,
+                              image_size=IMAGE_SIZE)
+    # Weights the Hub cannot give (offline here): one line, and what builds with no download.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(sys.modules["utils"].ConfigError,
+                       match="no pretrained weights.*PRETRAINED=false builds nvidia/mit-b0"):
+        seg.TASK.create_model("someone/unknown", ["background", "a"], pretrained=True,
                               image_size=IMAGE_SIZE)
 
 

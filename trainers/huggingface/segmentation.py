@@ -305,14 +305,12 @@ def validator(class_names: Sequence[str], *, keep_per_image: bool,
 
 # -- mask files: per-image records and predictions -----------------------------------------------
 
-def write_mask(path: Path, mask: Any) -> Path:
+def write_mask(path: Path, mask: Any, num_classes: int) -> Path:
     """A class-index PNG (0 = background; 8-bit, 16-bit past 256 classes), written atomically."""
     import numpy as np
     from PIL import Image
 
-    mask = np.asarray(mask)
-    image = (Image.fromarray(mask.astype(np.uint8)) if mask.max(initial=0) < 256
-             else Image.fromarray(mask.astype(np.uint16)))
+    image = Image.fromarray(np.asarray(mask).astype(np.uint8 if num_classes <= 256 else np.uint16))
     path.parent.mkdir(parents=True, exist_ok=True)
     with utils.atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -350,14 +348,16 @@ def image_records(validator: SegmentationValidator, splits: Splits,
         records = list(utils.select_image_results(records, limit))
     if mask_dir is None:
         return records
+    classes = len(validator.class_names)
     for record in records:
         image = splits.val_images[record["image_index"]]
         name = Path(image.file_name).with_suffix(".png")
         record["true_mask_file"] = write_mask(mask_dir / "true" / name,
-                                              rasterise(image, splits.val.class_of))
+                                              rasterise(image, splits.val.class_of), classes)
         predicted = _resized(validator.predictions[record["image_index"]].numpy(), image.width,
                              image.height)
-        record["predicted_mask_file"] = write_mask(mask_dir / "predicted" / name, predicted)
+        record["predicted_mask_file"] = write_mask(mask_dir / "predicted" / name, predicted,
+                                                   classes)
     return records
 
 
@@ -386,7 +386,7 @@ def predict(model: Any, images: Sequence[Path], class_names: Sequence[str], *, i
                 if name in used:  # two inputs with one stem: keep both
                     name = f"{path.stem}_{start + offset}.png"
                 used.add(name)
-                write_mask(out_dir / name, mask.cpu().numpy())
+                write_mask(out_dir / name, mask.cpu().numpy(), len(class_names))
                 records.append({"image": path.name, "mask": name, "width": width,
                                 "height": height,
                                 "class_pixels": dict(zip(class_names, counts, strict=True))})
@@ -416,8 +416,9 @@ def _sample_image(rng: random.Random, size: int, shapes: int
     image = Image.new("RGB", (size, size), tuple(rng.randint(0, 40) for _ in range(3)))
     draw = ImageDraw.Draw(image)
     placed: list[tuple[int, list[float]]] = []
+    first = rng.randrange(2)  # with two shapes, one of each class, either on either side
     for number in range(shapes):
-        class_id = number % 2 if shapes > 1 else rng.randrange(2)
+        class_id = (first + number) % 2
         radius = rng.uniform(size * 0.15, size * 0.25)
         half = size / 2  # two shapes sit in different halves, so they never overlap
         left = half * (number % 2) if shapes > 1 else 0.0
