@@ -39,7 +39,7 @@ def seg():
 
 @pytest.fixture(scope="module")
 def sample(seg, tmp_path_factory):
-    """The bundled sample, written and extracted: (dataset root, splits)."""
+    """The task's sample (segmentation_sample.py), written and extracted: (root, splits)."""
     root = tmp_path_factory.mktemp("seg-sample")
     archive = seg.write_sample(root, "shapes", train=16, val=5, image_size=IMAGE_SIZE, seed=3)
     with zipfile.ZipFile(archive) as zf:
