@@ -84,6 +84,9 @@ def create_model(model_name: str, class_names: Sequence[str], *, pretrained: boo
             raise utils.ConfigError(
                 f"MODEL_NAME={model_name}: no pretrained weights ({str(exc).splitlines()[0]}); "
                 f"PRETRAINED=false builds {', '.join(OFFLINE_CONFIGS)} offline") from None
+        except ValueError as exc:  # a Hub model with no semantic segmentation head
+            raise utils.ConfigError(f"MODEL_NAME={model_name} is not a semantic segmentation "
+                                    f"model ({str(exc).splitlines()[0]})") from None
     if model_name not in OFFLINE_CONFIGS:
         raise utils.ConfigError(f"MODEL_NAME={model_name} cannot be built offline "
                                 f"(PRETRAINED=false knows {', '.join(OFFLINE_CONFIGS)})")
