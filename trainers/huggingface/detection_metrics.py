@@ -85,16 +85,19 @@ class ImageResult:
 
 class DetectionValidator:
     """One validation pass: `update` per batch (the collate dict and the model's output),
-    `result` the POST /validation-results body."""
+    `result` the POST /validation-results body. It sees the batches of one process: the
+    whole split is validated where it is created (under DDP, on rank 0)."""
 
     def __init__(self, class_names: Sequence[str], *, keep_per_image: bool):
         from torchmetrics.detection import MeanAveragePrecision
 
         self.class_names = list(class_names)
         self.keep_per_image = keep_per_image
+        # Process-local, like the counts beside it: a loop that validates on one rank must not
+        # wait in an all-gather the other ranks never join.
         self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
                                            class_metrics=True, extended_summary=True,
-                                           backend=coco_backend())
+                                           backend=coco_backend(), sync_on_compute=False)
         self.support = np.zeros(len(class_names), dtype=int)
         self.loss_sum, self.loss_images, self.images = 0.0, 0, 0
         self.per_image: list[ImageResult] = []
