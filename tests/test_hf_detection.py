@@ -153,6 +153,22 @@ def test_a_checkpoints_class_order_is_kept_and_a_foreign_class_refused(hf, sampl
                             class_names=["circle", "square"])
 
 
+def test_a_bad_image_fails_the_dataset_or_is_skipped_within_max_bad_images(hf, sample,
+                                                                           tmp_path) -> None:
+    import shutil
+
+    root = Path(shutil.copytree(sample.root, tmp_path / "copy"))
+    broken = root / "images" / sample.splits.val_images[2].file_name
+    broken.write_bytes(broken.read_bytes()[:200])  # cut off: no JPEG end marker
+    with pytest.raises(hf.utils.DatasetError, match=r"1 bad image.*val_00002\.jpg"):
+        hf.task.load_splits(root, sample.cfg, image_size=IMAGE_SIZE)
+    lenient = hf.utils.parse_settings(hf.utils.TRAIN_SETTINGS, [], {
+        "DATASET_ID": DATASET, "MAX_BAD_IMAGES": "1"})
+    splits = hf.task.load_splits(root, lenient, image_size=IMAGE_SIZE)
+    assert [i.file_name for i in splits.val_images] == [
+        i.file_name for i in sample.splits.val_images if i.file_name != "val/val_00002.jpg"]
+
+
 @pytest.mark.parametrize("model_name", ["PekingU/rtdetr_v2_r18vd",
                                         "microsoft/conditional-detr-resnet-50",
                                         "ustc-community/dfine-nano-coco"])
@@ -180,7 +196,7 @@ def test_an_offline_model_trains_validates_and_predicts(hf, sample, model_name, 
         optimizer.zero_grad()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert min(losses[-3:]) < losses[0], losses
+    assert min(losses[-3:]) < 0.8 * losses[0], losses
 
     model.eval()
     validator = hf.task.validator(splits.class_names, keep_per_image=True)

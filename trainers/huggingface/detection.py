@@ -123,8 +123,11 @@ class DetectionTask:
             split_seed=cfg.get("SPLIT_SEED"))
         if dataset is None:
             raise utils.dataset_format_error(root, [utils.platform_annotations_layout(TASK_TYPE)])
-        max_bad = cfg.get("MAX_BAD_IMAGES") or 0
-        chosen = {name: self._split_images(dataset, name, root, max_bad) for name in splits}
+        chosen = {name: self._split_images(dataset, name) for name in splits}
+        # The bad-image policy over every image used, as one set (MAX_BAD_IMAGES in all).
+        good = set(utils.check_images([i.path for images in chosen.values() for i in images],
+                                      root=root, max_bad=cfg.get("MAX_BAD_IMAGES") or 0))
+        chosen = {name: [i for i in images if i.path in good] for name, images in chosen.items()}
         names, class_ids = class_mapping(dataset, class_names,
                                          [i for images in chosen.values() for i in images])
         held_out = next((name for name in splits if name != "train"), None)
@@ -137,15 +140,12 @@ class DetectionTask:
                       platform=dataset)
 
     @staticmethod
-    def _split_images(dataset: utils.PlatformDataset, split: str, root: Path,
-                      max_bad: int) -> list[utils.AnnotatedImage]:
+    def _split_images(dataset: utils.PlatformDataset, split: str) -> list[utils.AnnotatedImage]:
         images = dataset.split(split)
         if not images:
             raise utils.DatasetError(f"{dataset.annotation_file.name}: no {split} images (split "
                                      f"from {dataset.split_source}: {dataset.split_counts()})")
-        good = set(utils.check_images([image.path for image in images], root=root,
-                                      max_bad=max_bad))
-        return [image for image in images if image.path in good]
+        return images
 
     def create_model(self, model_name: str, class_names: Sequence[str], *, pretrained: bool,
                      image_size: int) -> Any:
