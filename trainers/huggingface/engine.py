@@ -135,10 +135,19 @@ def validate(accelerator, model, loader, validator) -> utils.ValidationResult:
 def gathered(accelerator, batch: dict[str, Any], outputs: Any) -> tuple[dict[str, Any], Any]:
     """Every process's share of one batch as one batch, in the loader's order (pixels left
     out: validators read labels and outputs); `outputs` keeps its class."""
-    per_image = split_samples({"batch": without_pixels(batch),
-                               "outputs": {k: v for k, v in outputs.items() if k != "loss"}})
+    kept = {k: v for k, v in outputs.items() if per_image_output(k)}
+    per_image = split_samples({"batch": without_pixels(batch), "outputs": kept})
     merged = join_samples(accelerator.gather_for_metrics(per_image, use_gather_object=True))
     return merged["batch"], type(outputs)(**merged["outputs"])
+
+
+# Outputs that are not one entry per image (losses, intermediate states, per-layer auxiliary
+# predictions): left out of what validation gathers across processes.
+NOT_PER_IMAGE = ("loss", "hidden_state", "attentions", "auxiliary", "encoder_", "intermediate")
+
+
+def per_image_output(name: str) -> bool:
+    return not any(part in name for part in NOT_PER_IMAGE)
 
 
 def without_pixels(batch: dict[str, Any]) -> dict[str, Any]:
