@@ -332,6 +332,34 @@ def test_resume_restores_optimizer_and_schedule(trained: Trained) -> None:
     assert steps["resumed"] == steps["e2e"] > 0
 
 
+def test_a_finished_model_fine_tunes_on_other_classes(trained: Trained,
+                                                     samples: dict[str, Path]) -> None:
+    trained.check()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(samples["folders"]) as src, zipfile.ZipFile(buffer, "w") as out:
+        for info in src.infolist():
+            if "/triangle/" not in info.filename:
+                out.writestr(info.filename, src.read(info.filename))
+    trained.s3.client.put_object(Bucket=trained.bucket, Key="datasets/two.zip",
+                                 Body=buffer.getvalue())
+    tuned = run("train.py", trained.job_env(
+        "tuned", EPOCHS="1", DATASET_ID="two",
+        CHECKPOINT_PATH=f"s3://{trained.bucket}/checkpoints/job-e2e/best.pt"))
+    assert tuned.returncode == 0, tuned.stderr[-5000:]
+    assert "new classifier for this dataset's classes" in tuned.stderr
+    [validation] = of_job(trained.backend, "validation-results", "tuned")
+    assert validation["class_names"] == ["circle", "square"]
+    tuned_best = read_checkpoint(trained.s3, trained.bucket, "checkpoints/job-tuned/best.pt")
+    original = read_checkpoint(trained.s3, trained.bucket, "checkpoints/job-e2e/best.pt")
+    assert tuned_best["model_name"] == MODEL
+    assert tuned_best["model_config"]["id2label"] == {"0": "circle", "1": "square"}
+    assert tuned_best["model"]["classifier.1.weight"].shape[0] == 2
+    # The backbone came from the finished model: a few AdamW updates at LEARNING_RATE 0.001
+    # move a weight by ~0.001 each, a fresh initialisation by ~0.3.
+    stem = "resnet.embedder.embedder.convolution.weight"
+    assert (tuned_best["model"][stem] - original["model"][stem]).abs().max() < 0.05
+
+
 # --- evaluate, predict, export --------------------------------------------------------------------
 
 
