@@ -46,7 +46,8 @@ SETTINGS = utils.merge_settings(
                       f"({_DEFAULT_MODELS}). Offline, the task's known names build a small "
                       "configuration of their architecture (capabilities.json lists them)."),
         utils.Setting("IMAGE_SIZE", "int", None, "Input image size in pixels (square); default: "
-                      "the checkpoint's, else 224 with pretrained weights, 64 without.",
+                      "the checkpoint's, else the Hub model's (224 where it names none) with "
+                      "pretrained weights, 64 without.",
                       minimum=8),
         utils.Setting("WEIGHT_DECAY", "float", 0.0, "AdamW weight decay (not on biases and "
                       "norms).", minimum=0),

@@ -22,7 +22,8 @@ from task import Splits, Task
 
 log = logging.getLogger(f"trainer.{__name__}")
 
-# Sizes when IMAGE_SIZE is not given: the Hub models' input size, or the small offline one.
+# Sizes when IMAGE_SIZE is not given and the model's configuration names none: with pretrained
+# weights the common Hub input size, else the small offline configurations' size.
 PRETRAINED_IMAGE_SIZE, OFFLINE_IMAGE_SIZE = 224, 64
 
 
@@ -61,8 +62,10 @@ def build_run(job: utils.Job, accelerator, task: Task, offline: str | None,
     set_seed(cfg.seed)
     start = starting_point(job, accelerator, task)
     if start.checkpoint is None:  # before the dataset: a missing download fails in seconds
-        main_first(accelerator, lambda: check_model(start.task, start.model_name,
-                                                    pretrained=cfg.pretrained, offline=offline))
+        hub_size = main_first(accelerator, lambda: check_model(
+            start.task, start.model_name, pretrained=cfg.pretrained, offline=offline))
+        if hub_size and not cfg.image_size:  # the Hub model's own input size
+            start = dataclasses.replace(start, image_size=hub_size)
     root = main_first(accelerator, lambda: staged(job))
     splits = start.task.load_splits(
         root, cfg, image_size=start.image_size,
@@ -126,15 +129,17 @@ def resumes(checkpoint: dict[str, Any], checkpoint_path: str) -> bool:
             and PurePosixPath(checkpoint_path).name != "best.pt")
 
 
-def check_model(task: Task, model_name: str, *, pretrained: bool, offline: str | None) -> None:
+def check_model(task: Task, model_name: str, *, pretrained: bool,
+                offline: str | None) -> int | None:
     """MODEL_NAME can be built: its configuration is at hand (the Hub or the local cache) when
-    it is not one the task builds offline. Milliseconds, and before the dataset is staged."""
+    it is not one the task builds offline. Milliseconds, and before the dataset is staged.
+    Returns the configuration's square input size, when it names one."""
     if not pretrained and model_name in task.offline_models():
-        return
+        return None
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(model_name)
+        size = getattr(AutoConfig.from_pretrained(model_name), "image_size", None)
     except (OSError, ValueError) as exc:
         if pretrained:
             raise utils.hf_pretrained_error(model_name, exc, offline) from exc
@@ -142,6 +147,9 @@ def check_model(task: Task, model_name: str, *, pretrained: bool, offline: str |
             f"MODEL_NAME={model_name} is not one this trainer builds offline "
             f"({', '.join(task.offline_models())}) and its configuration is not in the local "
             "cache") from None
+    if isinstance(size, (list, tuple)) and len(set(size)) == 1:
+        size = size[0]
+    return size if isinstance(size, int) else None
 
 
 def staged(job: utils.Job) -> Path:
