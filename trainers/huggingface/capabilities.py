@@ -3,25 +3,32 @@
 The manifest built from this and every script's settings table is committed as
 capabilities.json (kept current by `python tools/sync.py` in the monorepo root). The platform's
 UI builds its forms from it and validates a job against it before launch
-(`utils.validate_job_settings`). Keep this module import-light: no torch, no framework.
+(`utils.validate_job_settings`). Keep this module import-light: no torch, no transformers (the
+models come from architectures.py, the options from the generated framework_options.py).
 
-FRAMEWORK: declare your framework's package, tasks, models (with whether pretrained weights
-exist), dataset layouts and export formats. Models must match model.py's MODELS; the
-framework's options and presets are options.py's.
+`MODELS` are the names every task builds offline (a small configuration of the architecture)
+and, with PRETRAINED=true, downloads from the Hub; train.py takes any other Hub model of the
+task's kind too, which `MODEL_NAME_PATTERN` admits.
 """
 
 from __future__ import annotations
 
 import options
 import utils
+from architectures import OFFLINE_MODELS
+
+# A Hub repository id: `owner/name`, or a bare legacy id.
+MODEL_NAME_PATTERN = r"[\w.\-]+(/[\w.\-]+)?"
 
 CAPABILITIES = utils.Capabilities(
-    framework="PyTorch",
-    package="torch",
-    tasks=(utils.TaskInfo.standard("image_classification"),),
-    models=(utils.ModelInfo("tinycnn", "image_classification", pretrained=False),),
+    framework="Hugging Face transformers",
+    package="transformers",
+    tasks=tuple(utils.TaskInfo.standard(task) for task in OFFLINE_MODELS),
+    models=tuple(utils.ModelInfo(name, task, pretrained=True)
+                 for task, models in OFFLINE_MODELS.items() for name in models),
     dataset_layouts=(utils.DATASET_LAYOUTS["image_folder"],
-                     utils.platform_annotations_layout("image_classification")),
+                     utils.platform_annotations_layout(*OFFLINE_MODELS)),
     export_formats=(utils.EXPORT_ONNX, utils.EXPORT_TORCHSCRIPT),
+    model_name_pattern=MODEL_NAME_PATTERN,
     options=options.OPTIONS,
 )

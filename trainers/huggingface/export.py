@@ -7,9 +7,10 @@ framework and exporter versions). Before the archive is written the exported mod
 the same batch as the PyTorch model and must agree within TOLERANCE. A format whose toolchain
 is missing fails before any download; a failed export uploads nothing.
 
-FRAMEWORK: the `EXPORTERS` take the model from model.py. A framework with its own exporter
-(Ultralytics' `YOLO(checkpoint).export(format=...)`) calls that instead and keeps the archive
-and metadata.json's fields as they are.
+The exported graph takes `pixel_values` as `images` and returns the model's task outputs by their
+transformers names (`logits`; detection also `pred_boxes`). The classification architectures
+(ViT, ResNet, ConvNeXt) trace and export to ONNX, their outputs equal to PyTorch's within
+TOLERANCE (the monorepo's tests check it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import utils
 
 FRAMEWORK = "huggingface"
 SETTINGS = utils.EXPORT_SETTINGS
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME = "images"
+# The transformers outputs an exported model returns, in this order, where its head has them.
+OUTPUTS = {
+    "logits": "class logits in class-id order (softmax gives probabilities); per query for "
+              "detection, per pixel at a reduced size for semantic segmentation",
+    "pred_boxes": "boxes per query as (center x, center y, width, height), relative to the "
+                  "image",
+}
 # Most |exported - PyTorch| allowed on the logits of the verification batch, per dtype.
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
 
@@ -35,14 +43,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export(job: utils.Job) -> utils.JobResult:
+    utils.prepare_hf_hub(False)  # the checkpoint holds the architecture: nothing to download
     import torch
 
     from capabilities import CAPABILITIES
-    from model import load_checkpoint, model_from_checkpoint, resolve_device
+    from engine import build_accelerator
+    from model import load_checkpoint, model_from_checkpoint, task_of
 
     cfg = job.cfg
     fmt = CAPABILITIES.export_format(cfg.export_format)
-    device = resolve_device(cfg.device)
+    device = build_accelerator(cfg.device, "off").device
     fmt.require(gpu_available=device.type == "cuda")
     if cfg.half and device.type != "cuda":
         raise utils.ConfigError("HALF=true needs a CUDA device (DEVICE resolves to the CPU)")
@@ -50,9 +60,10 @@ def export(job: utils.Job) -> utils.JobResult:
     source = job.fetch_checkpoint()
     checkpoint = load_checkpoint(source)
     dtype = torch.float16 if cfg.half else torch.float32
-    model = model_from_checkpoint(checkpoint, device).to(dtype)
     size = cfg.image_size or checkpoint["image_size"]
     example = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
+    model = task_outputs(model_from_checkpoint(task_of(checkpoint, None), checkpoint, device),
+                         example.float()).to(dtype).eval()
 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=job.work_dir))
     try:
@@ -61,24 +72,47 @@ def export(job: utils.Job) -> utils.JobResult:
                                        dynamic_batch=cfg.dynamic_batch, opset=cfg.opset)
         verification = verify(fmt.name, model_file, model, example,
                               batch=2 if cfg.dynamic_batch else 1)
-        metadata = describe(job, fmt, checkpoint, source, size, exporter, verification)
+        metadata = describe(job, fmt, checkpoint, source, size, model.shapes, exporter,
+                            verification)
         archive = utils.write_export(job, fmt, model_file, metadata)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return utils.publish_export(job, fmt, archive, verification)
 
 
+def task_outputs(model, example):
+    """The model as the exported graph: pixels in, its task outputs (`OUTPUTS`) out, as a tuple
+    of tensors (what tracing and the ONNX exporter take)."""
+    import torch
+
+    class TaskOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            with torch.inference_mode():
+                found = model(pixel_values=example)
+            self.names = [name for name in OUTPUTS if getattr(found, name, None) is not None]
+            self.shapes = {name: list(getattr(found, name).shape) for name in self.names}
+
+        def forward(self, images):
+            outputs = self.model(pixel_values=images)
+            return tuple(getattr(outputs, name) for name in self.names)
+
+    return TaskOutputs()
+
+
 def export_onnx(model, example, path: Path, *, dynamic_batch: bool, opset: int) -> dict[str, Any]:
     import onnx
     import torch
 
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    axes = ({name: {0: "batch"} for name in (INPUT_NAME, *model.names)} if dynamic_batch
+            else None)
     # The TorchScript-based exporter (dynamo=False), as Ultralytics uses: the dynamo exporter
     # needs onnxscript and gains nothing for a plain CNN.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          input_names=[INPUT_NAME], output_names=model.names,
                           dynamic_axes=axes, do_constant_folding=True)
     onnx.checker.check_model(str(path))
     return {"name": "torch.onnx.export", "version": str(torch.__version__),
@@ -92,7 +126,7 @@ def export_torchscript(model, example, path: Path, *, dynamic_batch: bool,
     # Tracing records no batch size for these models, so a traced model takes any batch.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        traced = torch.jit.trace(model, example)
+        traced = torch.jit.trace(model, example, strict=False)
     traced.save(str(path))
     return {"name": "torch.jit.trace", "version": str(torch.__version__)}
 
@@ -108,7 +142,7 @@ def verify(fmt: str, path: Path, model, example, *, batch: int) -> dict[str, Any
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(batch, *example.shape[1:], generator=generator).to(example)
     with torch.inference_mode():
-        expected = model(inputs).float().cpu()
+        expected = [t.float().cpu() for t in model(inputs)]
     if fmt == "onnx":
         try:
             import onnxruntime
@@ -121,16 +155,18 @@ def verify(fmt: str, path: Path, model, example, *, batch: int) -> dict[str, Any
             return {"status": "skipped",
                     "reason": "onnxruntime here has no CUDA provider for a float16 model"}
         session = onnxruntime.InferenceSession(str(path), providers=providers)
-        actual = torch.from_numpy(session.run(None, {INPUT_NAME: inputs.cpu().numpy()})[0])
+        feed = {INPUT_NAME: inputs.cpu().numpy()}
+        actual = [torch.from_numpy(array) for array in session.run(None, feed)]
         runtime = f"onnxruntime {onnxruntime.__version__} ({providers[0]})"
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch
             loaded = torch.jit.load(str(path), map_location=example.device)
         with torch.inference_mode():
-            actual = loaded(inputs).float().cpu()
+            actual = [t.float().cpu() for t in loaded(inputs)]
         runtime = f"torch.jit {torch.__version__}"
-    difference = float((actual.float() - expected).abs().max())
+    difference = max(float((a.float() - e).abs().max()) for a, e in zip(actual, expected,
+                                                                        strict=True))
     tolerance = TOLERANCE[dtype]
     if not difference <= tolerance:  # NaN fails too
         raise utils.TrainerError(f"the exported {fmt} model's outputs differ from the PyTorch "
@@ -140,8 +176,8 @@ def verify(fmt: str, path: Path, model, example, *, batch: int) -> dict[str, Any
 
 
 def describe(job: utils.Job, fmt: utils.ExportFormat, checkpoint: dict[str, Any], source: Path,
-             size: int, exporter: dict[str, Any], verification: dict[str, Any]
-             ) -> dict[str, Any]:
+             size: int, shapes: dict[str, list[int]], exporter: dict[str, Any],
+             verification: dict[str, Any]) -> dict[str, Any]:
     """metadata.json (utils.export_metadata) with what this trainer's model takes and returns."""
     from capabilities import CAPABILITIES
 
@@ -150,8 +186,8 @@ def describe(job: utils.Job, fmt: utils.ExportFormat, checkpoint: dict[str, Any]
     return utils.export_metadata(
         job, fmt, CAPABILITIES, source=source, task_type=checkpoint["task_type"],
         class_names=class_names, input_name=INPUT_NAME, input_shape=[batch, 3, size, size],
-        outputs=[{"name": OUTPUT_NAME, "shape": [batch, len(class_names)],
-                  "description": "class logits in class-id order; softmax gives probabilities"}],
+        outputs=[{"name": name, "shape": [batch, *shape[1:]], "description": OUTPUTS[name]}
+                 for name, shape in shapes.items()],
         preprocessing={
             "resize": {"height": size, "width": size, "interpolation": "bilinear",
                        "antialias": True, "keep_aspect_ratio": False},

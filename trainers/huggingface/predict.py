@@ -2,7 +2,8 @@
 
 CHECKPOINT_PATH + INPUT_PATH (storage key of an image, a .zip of images, or a prefix ending in
 /; or a local file/folder: `python predict.py --checkpoint-path best.pt --input-path ./images`)
--> predictions.json with the top-k classes per image, uploaded under
+-> predictions.json with one record per image as the checkpoint's task writes it
+(classification: the TOP_K classes), uploaded with any mask files under
 artifacts/job-{JOB_ID}/predictions/.
 """
 
@@ -22,44 +23,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def predict(job: utils.Job) -> utils.JobResult:
-    import torch
-    from PIL import Image
-
-    from data import build_transform
-    from model import load_checkpoint, model_from_checkpoint, resolve_device
+    utils.prepare_hf_hub(False)  # the checkpoint holds the architecture: nothing to download
+    from engine import build_accelerator
+    from model import load_checkpoint, model_from_checkpoint, task_of
 
     cfg = job.cfg
-    device = resolve_device(cfg.device)
+    device = build_accelerator(cfg.device, "off").device
     checkpoint = load_checkpoint(job.fetch_checkpoint())
+    task = task_of(checkpoint, None)
     class_names = checkpoint["class_names"]
-    model = model_from_checkpoint(checkpoint, device)
-    transform = build_transform(cfg.image_size or checkpoint["image_size"], train=False,
-                                mean=checkpoint["mean"], std=checkpoint["std"])
-    images = job.stage_inputs()
-    k = min(cfg.top_k, len(class_names))
-    predictions = []
-    with torch.inference_mode():
-        for start in range(0, len(images), cfg.batch_size):
-            batch = images[start:start + cfg.batch_size]
-            tensors = []
-            for path in batch:
-                with Image.open(path) as im:
-                    tensors.append(transform(im.convert("RGB")))
-            probs = model(torch.stack(tensors).to(device)).softmax(1).cpu()
-            top = probs.topk(k, 1)
-            for path, values, indices in zip(batch, top.values, top.indices, strict=True):
-                predictions.append({"image": path.name, "top_k": [
-                    {"class_id": int(i), "class_name": class_names[int(i)],
-                     "confidence": round(float(v), 6)}
-                    for v, i in zip(values, indices, strict=True)]})
+    model = model_from_checkpoint(task, checkpoint, device)
+    out_dir = job.work_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = task.predict(model, job.stage_inputs(), class_names,
+                           image_size=cfg.image_size or checkpoint["image_size"], device=device,
+                           out_dir=out_dir)
+    for record in records:  # a ranked list of classes keeps TOP_K of them
+        if "top_k" in record:
+            record["top_k"] = record["top_k"][:cfg.top_k]
 
-    out = job.work_dir / "predictions" / "predictions.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "predictions.json"
     out.write_text(json.dumps({"task_type": checkpoint["task_type"], "class_names": class_names,
-                               "predictions": predictions}, indent=2, ensure_ascii=False))
-    job.upload_artifacts([out], "predictions")
+                               "predictions": records}, indent=2, ensure_ascii=False))
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):  # mask files keep folders
+        folder = path.parent.relative_to(out_dir).as_posix()
+        job.upload_artifacts([path], "predictions" + ("" if folder == "." else f"/{folder}"))
     print(out)
-    return utils.JobResult(metrics={"images": len(predictions)})
+    return utils.JobResult(metrics={"images": len(records)})
 
 
 if __name__ == "__main__":

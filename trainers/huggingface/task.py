@@ -9,6 +9,21 @@ the per-image records the UI shows and the predictions `predict.py` writes.
 The loop's side of the bargain: every batch is the dict `collate` returns, passed as
 `model(**batch)`; the model's output carries `.loss` (transformers computes it when the batch
 holds `labels`), and `Validator.update` sees the same batch with that output.
+
+What the loop (engine.py) and scripts further rely on:
+- A batch holds `pixel_values` (its length counts the images). Under torchrun, `update` sees every
+  process's share of a batch gathered into one, in the split's order, on the CPU: the batch less
+  `pixel_values`/`pixel_mask` (tensors of one row per image stacked, per-image lists kept as
+  lists) and the output's per-image fields (no loss, hidden states or auxiliary outputs).
+- `Validator.result().overall_loss` may be None: the loop fills in the mean model loss.
+- `load_splits(..., splits=(name,))` with one name (evaluate.py's SPLIT: val or test) puts that
+  split in `Splits.val` and leaves `train` None.
+- Optional: `batch_accuracy(batch, outputs) -> (correct, images)`, `correct` a tensor on the
+  device, gives the training accuracy (classification); a task without it reports none.
+- Offline models and the default MODEL_NAME come from `architectures.OFFLINE_MODELS[task_type]`
+  (import-light: capabilities.py reads it); checkpoints record `data.MEAN`/`data.STD`, which
+  `data.image_transform` applies.
+- Prediction records may hold a ranked `top_k` list, which predict.py cuts to TOP_K.
 """
 
 from __future__ import annotations

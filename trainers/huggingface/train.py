@@ -1,41 +1,60 @@
-"""Train an image classifier on the platform contract (Hugging Face transformers trainer).
+"""Train a Hugging Face transformers vision model on the platform contract.
 
 The platform runs this as a job configured by environment variables (see --help; a flag wins
-over its variable). It stages datasets/{DATASET_ID}.zip, trains, reports every epoch to the
-backend and MLflow, uploads checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt (last.pt resumable;
-the others, and a finished job's last.pt, weights only) and ends with a `completed`, `failed` or
-`cancelled` status.
+over its variable). TASK_TYPE picks the task (image_classification, object_detection,
+semantic_segmentation; task.py); MODEL_NAME a Hub model (default: the task's). It stages
+datasets/{DATASET_ID}.zip (or the folder), trains through `accelerate` (engine.py says why not
+transformers' Trainer), reports every epoch to the backend and MLflow, uploads
+checkpoints/job-{JOB_ID}/{epoch-N,best,last}.pt (last.pt resumable; the others, and a finished
+job's last.pt, weights only) and ends `completed`, `failed` or `cancelled`.
 
-FRAMEWORK: the template trains a tiny CNN (model.py) on image folders (data.py). Replace
-`train_one_epoch`, `validate` and the model/data factories with your framework's code; keep
-`main`, the settings table and the `job.end_epoch` call: they are the platform contract.
+Offline (PRETRAINED=false, or no network), the task's Hub names are built from small
+configurations of the same architectures, with no download. Several GPUs or nodes:
+`torchrun --nproc_per_node=N train.py` (DDP; NCCL on GPUs, gloo on CPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import options
 import utils
+from architectures import OFFLINE_MODELS, default_model
+from task import TASK_MODULES
+
+if TYPE_CHECKING:  # heavy (torch, transformers): imported when a job runs
+    from training_run import Run
 
 log = logging.getLogger(f"trainer.{__name__}")
 
 FRAMEWORK = "huggingface"
-TASK_TYPE = "image_classification"
-PRIMARY_METRIC = "accuracy"
+DEFAULT_TASK = "image_classification"
+_DEFAULT_MODELS = ", ".join(f"{default_model(t)} ({t})" for t in OFFLINE_MODELS
+                            if default_model(t))
 
 SETTINGS = utils.merge_settings(
-    utils.with_defaults(utils.TRAIN_SETTINGS, MODEL_NAME="google/vit-base-patch16-224", PRETRAINED=False,
-                        EPOCHS=10, IMAGE_SIZE=64, BATCH_SIZE=32),
-    (utils.Setting("WEIGHT_DECAY", "float", 0.0001, "AdamW weight decay.", minimum=0,
-                   group="advanced"),
-     utils.Setting("AMP", "bool", True, "Mixed precision on CUDA: bf16 where the GPU has it, "
-                   "else fp16 with loss scaling; always off on CPU.", group="advanced")),
+    utils.with_defaults(utils.TRAIN_SETTINGS, PRETRAINED=True, EPOCHS=10, BATCH_SIZE=16,
+                        LEARNING_RATE=0.001, IMAGE_SIZE=None),
+    (
+        utils.Setting("TASK_TYPE", default=DEFAULT_TASK, help="The task to train.",
+                      choices=tuple(TASK_MODULES)),
+        utils.Setting("MODEL_NAME", help="Hugging Face Hub model name; default: the task's "
+                      f"({_DEFAULT_MODELS}). Offline, the task's known names build a small "
+                      "configuration of their architecture (capabilities.json lists them)."),
+        utils.Setting("IMAGE_SIZE", "int", None, "Input image size in pixels (square); default: "
+                      "the checkpoint's, else the Hub model's (224 where it names none) with "
+                      "pretrained weights, 64 without.",
+                      minimum=8),
+        utils.Setting("WEIGHT_DECAY", "float", 0.0, "AdamW weight decay (not on biases and "
+                      "norms).", minimum=0),
+        utils.Setting("AMP", "str", "auto", "Mixed precision on CUDA: auto (bf16 where "
+                      "supported, else fp16 with loss scaling), bf16, fp16 or off; always off "
+                      "on CPU.", choices=("auto", "bf16", "fp16", "off"), group="advanced"),
+    ),
 )
 
 
@@ -45,212 +64,130 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(job: utils.Job) -> utils.JobResult:
-    import numpy as np
-    import torch
+    cfg = job.cfg
+    # Before transformers (and huggingface_hub) is imported: offline, a download fails at once.
+    offline = utils.prepare_hf_hub(cfg.pretrained and not cfg.checkpoint_path)
+    from engine import build_accelerator
+    from task import task_for
+    from training_run import build_run
 
-    from data import load_splits, make_loader
-    from model import (
-        check_model_args,
-        create_model,
-        load_checkpoint,
-        resolve_device,
-        save_checkpoint,
-        weights_only,
-    )
+    settings = options.resolved(cfg.extra_args)
+    accelerator = build_accelerator(
+        cfg.device, cfg.amp, seed=cfg.seed,
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"])
+    try:
+        run = build_run(job, accelerator, task_for(cfg.task_type), offline, settings)
+        best_epoch, best = fit(job, run, accelerator, settings)
+        accelerator.wait_for_everyone()
+        if not job.is_main:
+            return utils.JobResult()
+        return finish(job, run, best_epoch, best)
+    finally:
+        end_process_group()
+
+
+def fit(job: utils.Job, run: Run, accelerator, settings: dict[str, Any],
+        ) -> tuple[int | None, utils.ValidationResult | None]:
+    """Train the remaining epochs; the best epoch and its validation (None: nothing trained)."""
+    from engine import from_main, train_one_epoch, validate
+    from model import weights_only
 
     cfg = job.cfg
-    model_kwargs = check_model_args(cfg.model_name, cfg.extra_args)
-    if cfg.pretrained:
-        raise utils.ConfigError(f"MODEL_NAME={cfg.model_name} has no pretrained weights; "
-                                "set PRETRAINED=false")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model_name, checkpoint = cfg.model_name, None
-    if cfg.checkpoint_path:  # before the dataset: a checkpoint that cannot serve fails at once
-        checkpoint = load_checkpoint(job.fetch_checkpoint())
-        utils.check_checkpoint_model(cfg, checkpoint["model_name"])
-        model_name = checkpoint["model_name"]
-        model_kwargs = {**checkpoint.get("model_kwargs", {}), **model_kwargs}
-
-    splits = load_splits(job.stage_dataset(), cfg.image_size, cfg.max_bad_images,
-                         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    if splits.platform is not None:
-        job.record_split(splits.platform)
-    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True,
-                               workers=cfg.num_workers, seed=cfg.seed)
-    val_loader = make_loader(splits.val, cfg.batch_size, shuffle=False, workers=cfg.num_workers)
-    model = create_model(model_name, len(splits.class_names), **model_kwargs).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    precision = Precision.resolve(cfg.amp, device)
-
-    start_epoch, best_value = 1, -math.inf
-    if checkpoint is not None:
-        start_epoch, best_value = restore(job, checkpoint, model, optimizer, scheduler,
-                                          splits.class_names)
-
     out_dir = job.work_dir / "checkpoints"
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    best_result: utils.ValidationResult | None = None
-    per_image: list[tuple[list[int], list[float]]] = []  # the last validation's, for the UI
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    # Best of this attempt (as the timm trainer): a resumed job uploads a best.pt of its own.
+    best_value, best_epoch, best = -math.inf, None, None
+    validator = None
+    for epoch in range(run.start_epoch, cfg.epochs + 1):
         job.start_epoch(epoch)
-        started = time.monotonic()
-        training = train_one_epoch(model, train_loader, optimizer, device, precision)
-        scheduler.step()
-        per_image.clear()
-        result = validate(model, val_loader, device, splits.class_names, per_image)
+        run.train_loader.set_epoch(epoch)
+        training = train_one_epoch(accelerator, run.model, run.train_loader, run.optimizer,
+                                   run.scheduler, task=run.task,
+                                   max_grad_norm=settings["max_grad_norm"])
+        # Per-image results are sent for the last validation only: keep them only then.
+        validator = run.task.validator(run.splits.class_names,
+                                       keep_per_image=epoch == cfg.epochs)
+        result = validate(accelerator, run.model, run.val_loader, validator)
         is_best = result.primary_metric_value > best_value
-        best_value = max(best_value, result.primary_metric_value)
-        save_checkpoint(
-            last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), epoch=epoch, epochs=cfg.epochs,
-            best_value=best_value, model_name=model_name, model_kwargs=model_kwargs,
-            class_names=splits.class_names, image_size=cfg.image_size,
-            mean=list(splits.train.transform.transforms[-1].mean),
-            std=list(splits.train.transform.transforms[-1].std),
-            task_type=TASK_TYPE, metrics=result.metrics,
-            config={k: v for k, v in cfg.redacted().items() if v != "<redacted>"},
-            versions={"torch": str(torch.__version__)}, provenance=job.provenance())
         if is_best:
-            best_result = result
-            utils.link_or_copy(last_path, best_path)  # no second write of the bytes
-        training.learning_rate = optimizer.param_groups[0]["lr"]
-        training.extra_metrics["throughput_img_s"] = round(
-            len(splits.train) / max(time.monotonic() - started, 1e-9), 1)
-        # last.pt as it is; epoch-N.pt and best.pt as its weights-only form, made by the upload.
-        job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=last_path,
-                      is_best=is_best, weights=weights_only)
-        log_epoch(epoch, cfg.epochs, training, result)
-
-    job.send_validation_image_results(utils.classification_image_records(
-        splits.val.items, per_image, splits.class_names))
-    return finish(job, best_result, best_path)
-
-
-def restore(job: utils.Job, checkpoint: dict[str, Any], model, optimizer, scheduler,
-            class_names: list[str]) -> tuple[int, float]:
-    """Resume an interrupted job (a resumable last.pt, epoch < its total) or fine-tune from a
-    finished model (any weights-only checkpoint: epoch-N.pt, best.pt, a finished last.pt)."""
-    from model import is_weights_only
-
-    job.refuse_weights_only_resume(is_weights_only(checkpoint))
-    if checkpoint["class_names"] != class_names:
-        raise utils.CheckpointError(
-            f"checkpoint classes {checkpoint['class_names']} differ from the dataset's "
-            f"{class_names}")
-    model.load_state_dict(checkpoint["model"])
-    if not is_weights_only(checkpoint) and checkpoint["epoch"] < checkpoint["epochs"]:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        log.info("resuming after epoch %d", checkpoint["epoch"])
-        return checkpoint["epoch"] + 1, checkpoint["best_value"]
-    log.info("fine-tuning from a finished model (%d epochs)", checkpoint["epoch"])
-    return 1, -math.inf
+            best_value, best_epoch, best = result.primary_metric_value, epoch, result
+        checkpoint = None
+        if job.is_main:
+            save_run(last_path, run, job, accelerator, epoch=epoch, best_value=best_value,
+                     metrics=result.metrics)
+            if is_best:
+                utils.link_or_copy(last_path, best_path)  # no second write of the bytes
+            checkpoint = last_path
+            log.info("epoch %d/%d: loss %.4f, lr %.2e, %.0f img/s | val %s %.4f, loss %s",
+                     epoch, cfg.epochs, training.loss, training.learning_rate,
+                     training.extra_metrics["throughput_img_s"], result.primary_metric_name,
+                     result.primary_metric_value, _fmt(result.overall_loss))
+        stop = None
+        try:
+            # last.pt as it is; epoch-N.pt and best.pt as its weights-only form, made by the
+            # upload worker from a snapshot.
+            job.end_epoch(epoch, cfg.epochs, training, result, checkpoint=checkpoint,
+                          is_best=is_best, weights=weights_only)
+        except utils.JobCancelled as exc:  # the main process heard {"cancel": true}: all stop
+            stop = exc
+        if from_main(accelerator, stop is not None):
+            raise stop or utils.JobCancelled(f"cancelled by the platform after epoch {epoch}")
+    if validator is not None:
+        job.send_validation_image_results(run.task.image_records(validator, run.splits))
+    return best_epoch, best
 
 
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """AMP as resolved for the device: bf16 where the GPU has it, else fp16 with a loss scaler
-    (against fp16 underflow); float32 on the CPU."""
-
-    enabled: bool
-    dtype: Any
-    scaler: Any
-
-    @classmethod
-    def resolve(cls, amp: bool, device) -> Precision:
-        import torch
-
-        enabled = amp and device.type == "cuda"
-        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
-        return cls(enabled, dtype, torch.amp.GradScaler(
-            "cuda", enabled=enabled and dtype == torch.float16))
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
-def train_one_epoch(model, loader, optimizer, device, precision: Precision
-                    ) -> utils.TrainingMetrics:
-    import torch
-    import torch.nn.functional as F
+def save_run(path: Path, run: Run, job: utils.Job, accelerator, *, epoch: int,
+             best_value: float, metrics: dict[str, float]) -> None:
+    from data import MEAN, STD
+    from model import plain_config, save_checkpoint
 
-    model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    scaler = precision.scaler
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device)
-        with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.enabled):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    return utils.TrainingMetrics(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1))
+    model = accelerator.unwrap_model(run.model)
+    scaler = accelerator.scaler
+    save_checkpoint(
+        path, model=model.state_dict(), model_config=plain_config(model),
+        model_name=run.model_name, class_names=run.splits.class_names,
+        image_size=run.image_size, mean=list(MEAN), std=list(STD),
+        task_type=run.task.task_type, primary_metric=run.task.primary_metric, metrics=metrics,
+        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None else None,
+        epoch=epoch, epochs=job.cfg.epochs, best_value=best_value,
+        config={k: v for k, v in job.cfg.redacted().items() if v != "<redacted>"},
+        provenance=job.provenance())
 
 
-def validate(model, loader, device, class_names: list[str],
-             per_image: list[tuple[list[int], list[float]]] | None = None
-             ) -> utils.ValidationResult:
-    """Metrics over the split; with `per_image`, each image's top-5 (ids, probabilities) too."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    n = len(class_names)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    loss_sum, top5, seen = 0.0, 0, 0
-    with torch.inference_mode():
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            k = min(5, n)
-            top5 += (logits.topk(k, 1).indices == labels[:, None]).any(1).sum().item()
-            np.add.at(confusion, (labels.cpu().numpy(), logits.argmax(1).cpu().numpy()), 1)
-            seen += len(labels)
-            if per_image is not None:
-                confidences, ids = logits.float().softmax(1).topk(k, 1)
-                per_image.extend(zip(ids.tolist(), confidences.tolist(), strict=True))
-    metrics, per_class = utils.classification_metrics(confusion, class_names, top5)
-    return utils.ValidationResult(
-        task_type=TASK_TYPE, metrics=metrics, primary_metric_name=PRIMARY_METRIC,
-        primary_metric_value=metrics[PRIMARY_METRIC], overall_loss=loss_sum / max(seen, 1),
-        per_class_metrics=per_class, confusion_matrix=confusion.tolist(),
-        class_names=list(class_names))
-
-
-def log_epoch(epoch: int, epochs: int, training: utils.TrainingMetrics,
-              result: utils.ValidationResult) -> None:
-    log.info("epoch %d/%d: loss %.4f, train acc %.3f, val acc %.3f, val loss %.4f",
-                   epoch, epochs, training.loss, training.accuracy,
-                   result.metrics["accuracy"], result.overall_loss)
-
-
-def finish(job: utils.Job, best: utils.ValidationResult | None,
-           best_path: Path) -> utils.JobResult:
-    """Write the best epoch's report, upload it with the job's artifacts."""
-    import json
-
+def finish(job: utils.Job, run: Run, best_epoch: int | None,
+           best: utils.ValidationResult | None) -> utils.JobResult:
+    """The best epoch's report as results.json among the job's artifacts; the final metrics."""
     if best is None:  # resumed at the last epoch: nothing new was trained
         return utils.JobResult(checkpoint_path=job.best_checkpoint_uri)
-    report = job.work_dir / "results.json"
+    report = job.work_dir / "report" / "results.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({
-        "task_type": best.task_type, "metrics": best.metrics,
-        "per_class_metrics": best.per_class_metrics, "confusion_matrix": best.confusion_matrix,
-        "class_names": best.class_names, "best_checkpoint": job.best_checkpoint_uri,
-    }, indent=2))
+        "task_type": best.task_type, "split": "val", "epoch": best_epoch,
+        "images": len(run.splits.val), "model_name": run.model_name, "metrics": best.metrics,
+        "loss": best.overall_loss, "per_class_metrics": best.per_class_metrics,
+        "confusion_matrix": best.confusion_matrix, "class_names": best.class_names,
+        "checkpoint": job.best_checkpoint_uri}, indent=2, ensure_ascii=False))
     job.upload_artifacts([report])
-    print(f"best checkpoint: {best_path} ({job.best_checkpoint_uri})")
-    print(f"results: {report}")
-    return utils.JobResult(metrics={**best.metrics, "loss": best.overall_loss},
-                           checkpoint_path=job.best_checkpoint_uri)
+    print(f"best epoch {best_epoch}: {best.primary_metric_name} "
+          f"{best.primary_metric_value:.4f} ({job.best_checkpoint_uri})")
+    return utils.JobResult(
+        metrics={**best.metrics, "loss": best.overall_loss, "best_epoch": best_epoch},
+        checkpoint_path=job.best_checkpoint_uri)
+
+
+def end_process_group() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     utils.exit_process(main())
+

@@ -59,7 +59,14 @@ import threading
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -2636,6 +2643,75 @@ def dataset_format_error(root: Path, layouts: Sequence[DatasetLayout]) -> Datase
                         f"accepted: {accepted}")
 
 
+# -- the Hugging Face Hub: decided before huggingface_hub is imported ---------------------------
+# huggingface_hub reads HF_HUB_OFFLINE once, when it is imported (timm and transformers import it).
+# Offline without that variable, the first download retries for ~47 s before it fails. So a trainer
+# that loads Hub weights calls `prepare_hf_hub` first: when no weights are needed, or the Hub
+# cannot be reached, the Hub is switched to offline mode; weights already in the local cache
+# (HF_HOME, e.g. baked into the image) still load in a fraction of a second, missing ones fail at
+# once with `hf_pretrained_error`'s one line.
+
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+ENDPOINT_PROBE_TIMEOUT_S = 4.0
+
+
+def probe_endpoint(url: str, timeout: float = ENDPOINT_PROBE_TIMEOUT_S) -> str | None:
+    """None when `url` answers HTTP at all (proxies honoured), else what went wrong.
+
+    Runs in a thread so a resolver that never answers costs `timeout` seconds, not minutes.
+    """
+    import requests
+
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            requests.head(url, timeout=timeout, allow_redirects=False)
+            outcome.append(None)
+        except requests.RequestException as exc:
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=attempt, name="endpoint-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return outcome[0] if outcome else "no answer"
+
+
+def prepare_hf_hub(need_weights: bool, environ: MutableMapping[str, str] | None = None,
+                   ) -> str | None:
+    """Set HF_HUB_OFFLINE when downloads are pointless or impossible; say why (None: online)."""
+    environ = os.environ if environ is None else environ
+    if "huggingface_hub" in sys.modules:
+        log.debug("huggingface_hub already imported: HF_HUB_OFFLINE can no longer change")
+    # The words huggingface_hub itself reads as true.
+    if (outside_env("HF_HUB_OFFLINE", environ) or "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE is set"
+    if not need_weights:
+        environ["HF_HUB_OFFLINE"] = "1"
+        return "no pretrained weights are needed"
+    endpoint = outside_env("HF_ENDPOINT", environ) or HF_DEFAULT_ENDPOINT
+    problem = probe_endpoint(endpoint)
+    if problem is None:
+        return None
+    environ["HF_HUB_OFFLINE"] = "1"
+    log.warning("%s is unreachable (%s): pretrained weights only from the local cache",
+                redact_url(endpoint), problem)
+    return f"{redact_url(endpoint)} is unreachable"
+
+
+def hf_pretrained_error(model_name: str, exc: BaseException, offline: str | None,
+                        ) -> ConfigError:
+    """The one line a failed pretrained-weights load becomes (`offline`: prepare_hf_hub's why)."""
+    home = outside_env("HF_HOME") or "~/.cache/huggingface"
+    if offline:
+        return ConfigError(
+            f"PRETRAINED=true but the pretrained weights of {model_name} are not in the local "
+            f"cache ({home}) and {offline}: set PRETRAINED=false, or provide the weights in "
+            "HF_HOME")
+    return ConfigError(f"PRETRAINED=true but the pretrained weights of {model_name} could not "
+                       f"be loaded ({type(exc).__name__}: {one_line(str(exc), 200)})")
+
+
 # -- checkpoints: which may run code when loaded ------------------------------------------------
 # A pickle runs code when it is loaded. A checkpoint is unpickled in full only when it is trusted:
 # written by this platform's jobs (checkpoints/ of STORAGE_BUCKET), under a prefix the platform
@@ -3827,7 +3903,8 @@ _NOISY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alemb
 # once, in words (a dead MLflow server must cost one warning, not one per request).
 _QUIET_LOGGERS = ("urllib3",)
 FAILURE_NAME = "failure"  # the failed attempt's reason, one line, in the work dir
-FRAMEWORK_PACKAGES = {"pytorch": "torch"}  # a framework named otherwise than its package
+# A framework named otherwise than its package (provenance reads the package's version).
+FRAMEWORK_PACKAGES = {"pytorch": "torch", "huggingface": "transformers"}
 
 
 class _RedactSecrets(logging.Filter):

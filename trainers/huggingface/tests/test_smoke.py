@@ -1,6 +1,7 @@
-"""Smoke test of the Hugging Face transformers trainer: train, evaluate, predict and export on the sample.
+"""Smoke test of the Hugging Face transformers trainer on the bundled sample.
 
-Self-contained (local storage, local MLflow, no backend, CPU), so it runs in the trainer's own
+Classification trains, evaluates, predicts and exports (ONNX) end to end. Self-contained (local
+storage, local MLflow, no backend, CPU, no download), so it runs in the trainer's own
 environment: `pixi run test` in this folder, or `pytest tests` with its requirements installed.
 """
 
@@ -30,34 +31,42 @@ def test_train_evaluate_predict_export_on_the_sample(tmp_path: Path) -> None:
 
     storage = tmp_path / "bucket"
     subprocess.run([sys.executable, str(TRAINER / "sample_data.py"), str(storage),
-                    "--train", "8", "--val", "4"], check=True, timeout=120)
+                    "--train", "8", "--val", "4", "--layout", "platform_annotations"],
+                   check=True, timeout=120)
     env = {**os.environ, "STORAGE_TYPE": "local", "LOCAL_STORAGE_ROOT": str(storage),
            "DATASET_ID": "sample", "JOB_ID": "smoke", "WORK_DIR": str(tmp_path / "work"),
            "EPOCHS": "2", "BATCH_SIZE": "8", "NUM_WORKERS": "0", "DEVICE": "cpu",
-           "PRETRAINED": "false", "IMAGE_SIZE": "64"}
+           "MODEL_NAME": "facebook/convnext-tiny-224", "PRETRAINED": "false",
+           "IMAGE_SIZE": "32", "OMP_NUM_THREADS": "1"}
 
     trained = run("train.py", env)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    best = storage / "checkpoints" / "job-smoke" / "best.pt"
-    assert best.is_file() and (storage / "checkpoints" / "job-smoke" / "epoch-2.pt").is_file()
+    checkpoints = storage / "checkpoints" / "job-smoke"
+    assert {p.name for p in checkpoints.iterdir()} == {"best.pt", "last.pt", "epoch-1.pt",
+                                                       "epoch-2.pt"}
     events = [json.loads(line) for line in (tmp_path / "work" / "callbacks.jsonl").open()]
     assert [e["body"]["status"] for e in events if e["route"] == "status"] == ["running",
                                                                               "completed"]
     assert [e["body"]["epoch"] for e in events if e["route"] == "training-metrics"] == [1, 2]
+    validations = [e["body"] for e in events if e["route"] == "validation-results"]
+    assert {"accuracy", "precision", "recall", "f1_score", "top5_accuracy"} == set(
+        validations[-1]["metrics"])
 
     evaluated = run("evaluate.py", {**env, "JOB_ID": "smoke-eval",
                                     "WORK_DIR": str(tmp_path / "eval"),
                                     "CHECKPOINT_PATH": "checkpoints/job-smoke/best.pt"})
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert (storage / "artifacts" / "job-smoke-eval" / "evaluation" / "metrics.json").is_file()
+    report = storage / "artifacts" / "job-smoke-eval" / "evaluation" / "results.json"
+    assert json.loads(report.read_text())["images"] == 12
 
     predicted = run("predict.py", {**env, "JOB_ID": "smoke-predict",
-                                   "WORK_DIR": str(tmp_path / "predict")},
-                    "--checkpoint-path", str(best), "--input-path",
+                                   "WORK_DIR": str(tmp_path / "predict"), "TOP_K": "2"},
+                    "--checkpoint-path", str(checkpoints / "best.pt"), "--input-path",
                     str(tmp_path / "work" / "cache"))
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     output = storage / "artifacts" / "job-smoke-predict" / "predictions" / "predictions.json"
-    assert json.loads(output.read_text())["predictions"], "no predictions written"
+    predictions = json.loads(output.read_text())["predictions"]
+    assert len(predictions) == 36 and all(len(p["top_k"]) == 2 for p in predictions)
 
     exported = run("export.py", {**env, "JOB_ID": "smoke-export",
                                  "WORK_DIR": str(tmp_path / "export"),
