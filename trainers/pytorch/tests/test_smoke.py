@@ -1,4 +1,6 @@
-"""Smoke test of the PyTorch trainer: train, evaluate, predict and export on the sample.
+"""Smoke test of the PyTorch trainer.
+
+Train, evaluate, predict and export on the sample.
 
 Self-contained (local storage, local MLflow, no backend, CPU), so it runs in the trainer's own
 environment: `pixi run test` in this folder, or `pytest tests` with its requirements installed.
