@@ -155,3 +155,25 @@ def test_the_readme_lists_every_question_the_template_asks() -> None:
     section = readme.split("## Adding a framework", 1)[1].split("\n## ", 1)[0]
     missing = [q for q in questions if f"`{q}`" not in section]
     assert not missing, f"README.md's 'Adding a framework' does not name the questions {missing}"
+
+
+def test_the_pytorch_trainer_is_the_template_unchanged(tmp_path: Path) -> None:
+    # trainers/pytorch is what `copier copy` gives before any framework code: a template change
+    # to a seed file (not re-rendered by sync) must be carried into it by hand, or this fails.
+    import copier as copier_api
+
+    trainer = REPO / "trainers/pytorch"
+    answers = {key: value for key, value in
+               yaml.safe_load((trainer / ".copier-answers.yml").read_text()).items()
+               if not key.startswith("_")}
+    copier_api.run_copy(str(REPO / "template"), str(tmp_path), data=answers, defaults=True,
+                        overwrite=True, quiet=True)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=trainer, capture_output=True, text=True, check=True).stdout
+    ours = set(listed.split()) - {".copier-answers.yml"}  # git's view: no caches, no runs
+    rendered = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                if p.is_file() and p.name != ".copier-answers.yml"}
+    assert ours == rendered
+    differing = [name for name in sorted(rendered)
+                 if (trainer / name).read_bytes() != (tmp_path / name).read_bytes()]
+    assert not differing, f"trainers/pytorch differs from a fresh render in {differing}"
