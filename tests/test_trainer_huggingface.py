@@ -430,20 +430,35 @@ def test_export_reproduces_the_pytorch_logits(trained: Trained, fmt: str) -> Non
 # --- bad input: one line, `failed`, non-zero exit -------------------------------------------------
 
 
-def test_pretrained_weights_offline_fail_fast_with_one_line(s3: S3Server,
-                                                            backend: RecordingBackend,
-                                                            job_env: dict,
-                                                            samples: dict[str, Path],
-                                                            tmp_path: Path) -> None:
+def test_pretrained_weights_offline_train_the_architecture_from_random_weights(
+        s3: S3Server, backend: RecordingBackend, job_env: dict, samples: dict[str, Path],
+        tmp_path: Path) -> None:
+    # No network, no cache: a Hub name the task builds offline trains that architecture (one
+    # warning), as PRETRAINED=false would; nothing is downloaded (the guard refuses sockets).
+    s3.put_file("datasets/sample.zip", samples["folders"])
+    env = {**job_env, **TINY, "DATASET_ID": "sample", "PRETRAINED": "true", "EPOCHS": "1",
+           "MLFLOW_TRACKING_URI": closed_port_url(), "HF_HOME": str(tmp_path / "hf")}
+    result = run("train.py", guarded(env, tmp_path / "guard.log"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert backend.bodies("status")[-1]["status"] == "completed"
+    warned = [line for line in result.stderr.splitlines() if "random weights" in line]
+    assert len(warned) == 1 and MODEL in warned[0], result.stderr[-3000:]
+
+
+def test_pretrained_weights_of_an_unknown_model_offline_fail_fast_with_one_line(
+        s3: S3Server, backend: RecordingBackend, job_env: dict, samples: dict[str, Path],
+        tmp_path: Path) -> None:
     s3.put_file("datasets/sample.zip", samples["folders"])
     started = time.monotonic()
+    unknown = "someone/vit-nobody-built"
     env = {**job_env, **TINY, "DATASET_ID": "sample", "PRETRAINED": "true",
-           "MLFLOW_TRACKING_URI": closed_port_url(), "HF_HOME": str(tmp_path / "hf")}
+           "MODEL_NAME": unknown, "MLFLOW_TRACKING_URI": closed_port_url(),
+           "HF_HOME": str(tmp_path / "hf")}
     result = run("train.py", guarded(env, tmp_path / "guard.log"))
     assert result.returncode == contract.EXIT_CONFIG, result.stderr[-3000:]
     error = backend.bodies("status")[-1]["error"]
-    assert error.startswith(f"PRETRAINED=true but the pretrained weights of {MODEL} are not in "
-                            "the local cache") and "\n" not in error
+    assert error.startswith(f"PRETRAINED=true but the pretrained weights of {unknown} are not "
+                            "in the local cache") and "\n" not in error
     assert "Traceback" not in result.stderr
     assert not s3.keys("checkpoints/") and not s3.keys("datasets/sample/")
     # the Hub probe failed at once, so HF_HUB_OFFLINE spared huggingface_hub's retries

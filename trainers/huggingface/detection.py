@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import detection_models
+import utils
 from detection_metrics import (
     PRIMARY_METRIC,
     SHOWN_CONFIDENCE,
@@ -31,8 +32,6 @@ from detection_metrics import (
 )
 from detection_sample import write_sample
 from task import Splits
-
-import utils
 
 log = logging.getLogger(f"trainer.{__name__}")
 

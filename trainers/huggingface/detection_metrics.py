@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from detection_models import image_processor, model_type_of_outputs
 
 import utils
+from detection_models import image_processor, model_type_of_outputs
 
 TASK_TYPE = "object_detection"
 PRIMARY_METRIC = "mAP@0.5:0.95"

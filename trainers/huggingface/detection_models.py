@@ -110,23 +110,15 @@ def label_maps(class_names: Sequence[str]) -> dict[str, Any]:
 
 
 def create_model(model_name: str, class_names: Sequence[str], *, pretrained: bool) -> Any:
-    """A detector for `class_names`: the Hub's weights (a new head) when `pretrained` and the
-    network allows, else the offline architecture of OFFLINE_MODELS."""
+    """A detector for `class_names`: the Hub's weights (a new head) when `pretrained`, else the
+    offline architecture of OFFLINE_MODELS. (The loop decides between them: training_run.py.)"""
     from transformers import AutoModelForObjectDetection
 
     labels = label_maps(class_names)
-    if pretrained:
-        try:
-            model = AutoModelForObjectDetection.from_pretrained(
-                model_name, ignore_mismatched_sizes=True, **labels)
-            return with_input_normalization(model)
-        except OSError as exc:  # no network, no cache, or no such repository
-            if model_name not in OFFLINE_MODELS:
-                raise utils.ConfigError(
-                    f"MODEL_NAME={model_name}: no pretrained weights ({utils.one_line(str(exc))}); "
-                    f"offline this trainer builds {', '.join(OFFLINE_MODELS)}") from None
-            log.warning("MODEL_NAME=%s: no pretrained weights (%s); training its offline "
-                        "architecture from random weights", model_name, utils.one_line(str(exc)))
+    if pretrained:  # no network and no cache: OSError, which the loop turns into one line
+        model = AutoModelForObjectDetection.from_pretrained(
+            model_name, ignore_mismatched_sizes=True, **labels)
+        return with_input_normalization(model)
     if model_name not in OFFLINE_MODELS:
         raise utils.ConfigError(f"MODEL_NAME={model_name} has no offline configuration "
                                 f"(offline: {', '.join(OFFLINE_MODELS)})")

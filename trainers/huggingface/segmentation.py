@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import utils
 from segmentation_sample import write_sample as write_sample  # the task's sample, re-exported
 from task import Splits
-
-import utils
 
 BACKGROUND = "background"
 TASK_TYPE = "semantic_segmentation"

@@ -61,11 +61,15 @@ def build_run(job: utils.Job, accelerator, task: Task, offline: str | None,
     cfg = job.cfg
     set_seed(cfg.seed)
     start = starting_point(job, accelerator, task)
+    pretrained = cfg.pretrained
     if start.checkpoint is None:  # before the dataset: a missing download fails in seconds
-        hub_size = main_first(accelerator, lambda: check_model(
+        checked = main_first(accelerator, lambda: check_model(
             start.task, start.model_name, pretrained=cfg.pretrained, offline=offline))
-        if hub_size and not cfg.image_size:  # the Hub model's own input size
-            start = dataclasses.replace(start, image_size=hub_size)
+        pretrained = checked.pretrained
+        if checked.image_size and not cfg.image_size:  # the Hub model's own input size
+            start = dataclasses.replace(start, image_size=checked.image_size)
+        elif pretrained != cfg.pretrained and not cfg.image_size:
+            start = dataclasses.replace(start, image_size=OFFLINE_IMAGE_SIZE)
     root = main_first(accelerator, lambda: staged(job))
     splits = start.task.load_splits(
         root, cfg, image_size=start.image_size,
@@ -76,7 +80,7 @@ def build_run(job: utils.Job, accelerator, task: Task, offline: str | None,
         log.info("dataset: %d classes, %d training and %d validation images",
                  len(splits.class_names), len(splits.train), len(splits.val))
     model = main_first(accelerator, lambda: starting_model(start, splits.class_names,
-                                                           pretrained=cfg.pretrained,
+                                                           pretrained=pretrained,
                                                            offline=offline))
     workers = cfg.num_workers
     train_loader = make_loader(splits.train, cfg.batch_size, collate=start.task.collate,
@@ -129,18 +133,33 @@ def resumes(checkpoint: dict[str, Any], checkpoint_path: str) -> bool:
             and PurePosixPath(checkpoint_path).name != "best.pt")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelCheck:
+    image_size: int | None  # the configuration's square input size, when it names one
+    pretrained: bool  # False: no network and no cache, so the architecture is built offline
+
+
 def check_model(task: Task, model_name: str, *, pretrained: bool,
-                offline: str | None) -> int | None:
+                offline: str | None) -> ModelCheck:
     """MODEL_NAME can be built: its configuration is at hand (the Hub or the local cache) when
     it is not one the task builds offline. Milliseconds, and before the dataset is staged.
-    Returns the configuration's square input size, when it names one."""
+
+    With no network (and the weights not in the local cache), a name the task builds offline
+    trains that architecture from random weights, with one warning (the issue's "offline: the
+    same architectures built from their configuration"); any other name fails in one line.
+    """
     if not pretrained and model_name in task.offline_models():
-        return None
+        return ModelCheck(None, False)
     from transformers import AutoConfig
 
     try:
         size = getattr(AutoConfig.from_pretrained(model_name), "image_size", None)
     except (OSError, ValueError) as exc:
+        if pretrained and offline and model_name in task.offline_models():
+            log.warning("PRETRAINED=true but %s's weights are not in the local cache and %s: "
+                        "training its architecture from random weights (PRETRAINED=false "
+                        "says so up front)", model_name, offline)
+            return ModelCheck(None, False)
         if pretrained:
             raise utils.hf_pretrained_error(model_name, exc, offline) from exc
         raise utils.ConfigError(
@@ -149,7 +168,7 @@ def check_model(task: Task, model_name: str, *, pretrained: bool,
             "cache") from None
     if isinstance(size, (list, tuple)) and len(set(size)) == 1:
         size = size[0]
-    return size if isinstance(size, int) else None
+    return ModelCheck(size if isinstance(size, int) else None, pretrained)
 
 
 def staged(job: utils.Job) -> Path:
