@@ -26,7 +26,8 @@ from tests.conftest import import_by_path
 from tests.support.servers import REPO
 
 TRAINER = REPO / "trainers" / "huggingface"
-OWN_MODULES = ("task", "detection", "detection_models", "detection_metrics", "detection_sample")
+OWN_MODULES = ("task", "architectures", "data", "detection", "detection_models",
+               "detection_metrics", "detection_sample")
 IMAGE_SIZE = 96  # the model's square input; the sample's images are 96 x 72
 DATASET = "shapes"
 
@@ -45,7 +46,8 @@ def hf() -> Iterator[SimpleNamespace]:
             mp.delitem(sys.modules, name, raising=False)
         detection = importlib.import_module("detection")
         yield SimpleNamespace(utils=utils, detection=detection, task=detection.TASK,
-                              metrics=importlib.import_module("detection_metrics"))
+                              metrics=importlib.import_module("detection_metrics"),
+                              models=importlib.import_module("detection_models"))
         for name in OWN_MODULES:
             sys.modules.pop(name, None)
         sys.modules.pop(utils.__name__, None)
@@ -181,7 +183,7 @@ def test_an_offline_model_trains_validates_and_predicts(hf, sample, model_name, 
     torch.manual_seed(0)
     model = hf.task.create_model(model_name, splits.class_names, pretrained=False,
                                  image_size=IMAGE_SIZE)
-    assert type(model).__name__ == hf.task.offline_models()[model_name]
+    assert type(model).__name__ == hf.models.OFFLINE_MODELS[model_name].architecture
     assert model.config.id2label == dict(enumerate(splits.class_names))
     assert 1e5 < sum(p.numel() for p in model.parameters()) < 3e6  # trains on a CPU
 

@@ -29,12 +29,16 @@ PER_CLASS = {"iou", "accuracy", "support"}
 @pytest.fixture(scope="module")
 def seg():
     """segmentation.py as train.py imports it: beside the trainer's own utils.py and task.py."""
+    own = ("task", "architectures", "data", "segmentation_sample")
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(TRAINER))
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setitem(sys.modules, "utils", import_by_path(TRAINER / "utils.py"))
-        patch.setitem(sys.modules, "task", import_by_path(TRAINER / "task.py"))
+        for name in own:  # the trainer's modules, not another trainer's of the same name
+            patch.delitem(sys.modules, name, raising=False)
         yield import_by_path(TRAINER / "segmentation.py")
+        for name in own:  # nor left behind for the next test module
+            sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,15 @@ OFFLINE_MODELS: dict[str, dict[str, str]] = {
         "microsoft/resnet-50": "ResNet",
         "facebook/convnext-tiny-224": "ConvNeXt",
     },
-    "object_detection": {},
-    "semantic_segmentation": {},
+    "object_detection": {
+        "PekingU/rtdetr_v2_r18vd": "RT-DETR v2",
+        "ustc-community/dfine-nano-coco": "D-FINE",
+        "microsoft/conditional-detr-resnet-50": "Conditional DETR",
+    },
+    "semantic_segmentation": {
+        "nvidia/mit-b0": "SegFormer",
+        "openmmlab/upernet-convnext-tiny": "UperNet (ConvNeXt)",
+    },
 }
 
 

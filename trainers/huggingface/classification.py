@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 import utils
 from architectures import OFFLINE_MODELS
-from data import image_transform, read_rgb, unknown_format
+from data import MEAN, STD, image_transform, read_rgb, unknown_format
 from task import Splits
 
 TASK_TYPE = "image_classification"
@@ -158,6 +158,7 @@ class ClassificationValidator:
 class ClassificationTask:
     task_type = TASK_TYPE
     primary_metric = "accuracy"
+    input_mean, input_std = MEAN, STD  # what image_transform applies
     default_model = next(iter(OFFLINE_MODELS[TASK_TYPE]))
 
     def offline_models(self) -> dict[str, str]:

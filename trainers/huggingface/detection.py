@@ -107,6 +107,8 @@ def class_mapping(dataset: utils.PlatformDataset, class_names: Sequence[str] | N
 class DetectionTask:
     task_type = TASK_TYPE
     primary_metric = PRIMARY_METRIC
+    # 0..1 pixels: an architecture that wants ImageNet statistics applies them inside the model
+    input_mean, input_std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     default_model = detection_models.DEFAULT_MODEL
 
     def offline_models(self) -> dict[str, str]:

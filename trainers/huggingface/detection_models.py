@@ -21,11 +21,12 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import architectures
 import utils
 
 log = logging.getLogger(f"trainer.{__name__}")
 
-DEFAULT_MODEL = "PekingU/rtdetr_v2_r18vd"
+DEFAULT_MODEL = architectures.default_model("object_detection")
 
 # model_type -> the image processor its Hub checkpoints name (preprocessor_config.json). Needed
 # where transformers' own auto-mapping has no entry (rt_detr_v2, d_fine); the rest fall back to it.
@@ -101,7 +102,8 @@ OFFLINE_MODELS = {
 
 
 def offline_models() -> dict[str, str]:
-    return {name: entry.architecture for name, entry in OFFLINE_MODELS.items()}
+    """Hub name -> architecture, as capabilities lists them (architectures.py, import-light)."""
+    return dict(architectures.OFFLINE_MODELS["object_detection"])
 
 
 def label_maps(class_names: Sequence[str]) -> dict[str, Any]:

@@ -26,7 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import architectures
 import utils
+from data import MEAN, STD
 from segmentation_sample import write_sample as write_sample  # the task's sample, re-exported
 from task import Splits
 
@@ -127,11 +129,10 @@ def rasterise(image: utils.AnnotatedImage, class_of: Sequence[int]) -> Any:
 def _normalise(pixels: Any) -> Any:
     """uint8 HWC (numpy) -> float CHW normalised with ImageNet's mean and std."""
     import torch
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
     return (tensor - mean) / std
 
 
@@ -395,10 +396,11 @@ def predict(model: Any, images: Sequence[Path], class_names: Sequence[str], *, i
 class SemanticSegmentation:
     task_type = TASK_TYPE
     primary_metric = "mIoU"
-    default_model = "nvidia/mit-b0"
+    input_mean, input_std = MEAN, STD  # what load_pixels applies
+    default_model = architectures.default_model(TASK_TYPE)
 
     def offline_models(self) -> dict[str, str]:
-        return {name: architecture for name, (architecture, _) in OFFLINE_CONFIGS.items()}
+        return dict(architectures.OFFLINE_MODELS[TASK_TYPE])  # capabilities' import-light table
 
     load_splits = staticmethod(load_splits)
     create_model = staticmethod(create_model)

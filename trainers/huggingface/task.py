@@ -21,8 +21,9 @@ What the loop (engine.py) and scripts further rely on:
 - Optional: `batch_accuracy(batch, outputs) -> (correct, images)`, `correct` a tensor on the
   device, gives the training accuracy (classification); a task without it reports none.
 - Offline models and the default MODEL_NAME come from `architectures.OFFLINE_MODELS[task_type]`
-  (import-light: capabilities.py reads it); checkpoints record `data.MEAN`/`data.STD`, which
-  `data.image_transform` applies.
+  (import-light: capabilities.py reads it).
+- `input_mean` / `input_std`: the normalisation the task's data applies to 0..1 pixels (identity
+  where the model normalises inside, as detection's do); checkpoints and export metadata say it.
 - Prediction records may hold a ranked `top_k` list, which predict.py cuts to TOP_K.
 """
 
@@ -66,6 +67,8 @@ class Validator(Protocol):
 class Task(Protocol):
     task_type: str
     primary_metric: str
+    input_mean: tuple[float, float, float]
+    input_std: tuple[float, float, float]
     default_model: str  # MODEL_NAME when none is given
 
     def offline_models(self) -> dict[str, str]:

@@ -143,7 +143,6 @@ def _fmt(value: float | None) -> str:
 
 def save_run(path: Path, run: Run, job: utils.Job, accelerator, *, epoch: int,
              best_value: float, metrics: dict[str, float]) -> None:
-    from data import MEAN, STD
     from model import plain_config, save_checkpoint
 
     model = accelerator.unwrap_model(run.model)
@@ -151,7 +150,8 @@ def save_run(path: Path, run: Run, job: utils.Job, accelerator, *, epoch: int,
     save_checkpoint(
         path, model=model.state_dict(), model_config=plain_config(model),
         model_name=run.model_name, class_names=run.splits.class_names,
-        image_size=run.image_size, mean=list(MEAN), std=list(STD),
+        image_size=run.image_size, mean=list(run.task.input_mean),
+        std=list(run.task.input_std),
         task_type=run.task.task_type, primary_metric=run.task.primary_metric, metrics=metrics,
         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
         scaler=scaler.state_dict() if scaler is not None else None,
