@@ -228,6 +228,9 @@ def test_selection_lists_worst_boxes_first_then_a_sample(utils_module):
     assert len({r["image_index"] for r in chosen}) == 8
     assert records[1]["iou"] == 0.98 and records[1]["predicted_boxes"][0]["confidence"] == 0.9
     assert utils.image_iou([], []) == 1.0
+    # Room for every image: each once, none repeated (a step under one once repeated some).
+    everything = utils.select_image_results(records, 200)
+    assert sorted(r["image_index"] for r in everything) == list(range(20))
 
 
 def test_batches_hold_at_most_one_hundred(utils_module, tmp_path, s3, backend):

@@ -3720,9 +3720,11 @@ def select_image_results(records: Sequence[Mapping[str, Any]], limit: int
     chosen = mistakes[:limit]
     rest = [r for r in records if not mistake(r)]
     room = limit - len(chosen)
-    if room > 0 and rest:
+    if room >= len(rest):  # all of them fit (a step under 1 would repeat some, drop others)
+        return chosen + rest
+    if room > 0:
         step = len(rest) / room
-        chosen += [rest[int(i * step)] for i in range(min(room, len(rest)))]
+        chosen += [rest[int(i * step)] for i in range(room)]
     return chosen
 
 
