@@ -236,8 +236,9 @@ class ClassificationTask:
                   keep_per_image: bool) -> ClassificationValidator:
         return ClassificationValidator(class_names, keep_per_image=keep_per_image)
 
-    def image_records(self, validator: ClassificationValidator,
-                      splits: Splits) -> list[dict[str, Any]]:
+    def image_records(self, validator: ClassificationValidator, splits: Splits, *,
+                      mask_dir: Path | None = None, limit: int | None = None
+                      ) -> list[dict[str, Any]]:
         return utils.classification_image_records(splits.val_images, validator.per_image or [],
                                                   splits.class_names)
 
@@ -248,8 +249,10 @@ class ClassificationTask:
         return (outputs.logits.detach().argmax(1) == labels).sum(), len(labels)
 
     def predict(self, model: Any, images: Sequence[Path], class_names: Sequence[str], *,
-                image_size: int, device: Any, out_dir: Path) -> list[dict[str, Any]]:
-        """Each image's top-5 classes (predict.py keeps TOP_K of them)."""
+                image_size: int, device: Any, out_dir: Path,
+                confidence: float = 0.0) -> list[dict[str, Any]]:
+        """Each image's top-5 classes (predict.py keeps TOP_K of them; `confidence` is for
+        tasks that drop objects)."""
         transform = image_transform(image_size, train=False)
         batch_size = 16
         k = min(TOP_K, len(class_names))

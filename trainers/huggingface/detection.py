@@ -165,7 +165,8 @@ class DetectionTask:
                   ) -> DetectionValidator:
         return DetectionValidator(class_names, keep_per_image=keep_per_image)
 
-    def image_records(self, validator: DetectionValidator, splits: Splits
+    def image_records(self, validator: DetectionValidator, splits: Splits, *,
+                      mask_dir: Path | None = None, limit: int | None = None
                       ) -> list[dict[str, Any]]:
         """One record per validated image (boxes at SHOWN_CONFIDENCE and above), named by its
         path under images/ and indexed by its place in the split."""

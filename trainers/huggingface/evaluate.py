@@ -56,7 +56,9 @@ def evaluate(job: utils.Job) -> utils.JobResult:
     job.upload_artifacts([report], "evaluation")
     job.log_metrics({f"{cfg.split}_{k}": v for k, v in result.metrics.items()})
     job.send_validation_result(checkpoint.get("epoch") or 0, result)
-    job.send_validation_image_results(task.image_records(validator, splits), split=cfg.split)
+    job.send_validation_image_results(
+        task.image_records(validator, splits, mask_dir=job.work_dir / "validation-masks",
+                           limit=cfg.val_image_results_max), split=cfg.split)
     print(json.dumps({**result.metrics, "loss": result.overall_loss}))
     return utils.JobResult(metrics={**result.metrics, "loss": result.overall_loss})
 

@@ -8,9 +8,9 @@ the same batch as the PyTorch model and must agree within TOLERANCE. A format wh
 is missing fails before any download; a failed export uploads nothing.
 
 The exported graph takes `pixel_values` as `images` and returns the model's task outputs by their
-transformers names (`logits`; detection also `pred_boxes`). The classification architectures
-(ViT, ResNet, ConvNeXt) trace and export to ONNX, their outputs equal to PyTorch's within
-TOLERANCE (the monorepo's tests check it).
+transformers names (`logits`; detection also `pred_boxes`). Every offline architecture traces to
+TorchScript; ONNX matches PyTorch within TOLERANCE for ViT, ResNet, ConvNeXt, Conditional DETR,
+SegFormer and UperNet, and is refused for RT-DETR v2 and D-FINE (`UNVERIFIED`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def export(job: utils.Job) -> utils.JobResult:
 
     source = job.fetch_checkpoint()
     checkpoint = load_checkpoint(source)
+    refuse_unverified(fmt.name, checkpoint)
     dtype = torch.float16 if cfg.half else torch.float32
     size = cfg.image_size or checkpoint["image_size"]
     example = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
@@ -78,6 +79,21 @@ def export(job: utils.Job) -> utils.JobResult:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return utils.publish_export(job, fmt, archive, verification)
+
+
+# model_type -> formats whose export does not reproduce PyTorch's outputs (measured: the same
+# weights give boxes 0.83 apart in ONNX Runtime on any input, zeros included, while TorchScript
+# agrees exactly; the deformable-attention sampling is the likely cause). Refused up front, in
+# one line, instead of failing the numeric check after the work.
+UNVERIFIED = {"rt_detr_v2": ("onnx",), "d_fine": ("onnx",)}
+
+
+def refuse_unverified(fmt: str, checkpoint: dict[str, Any]) -> None:
+    model_type = checkpoint["model_config"].get("model_type", "")
+    if fmt in UNVERIFIED.get(model_type, ()):
+        raise utils.ConfigError(
+            f"EXPORT_FORMAT={fmt} is not offered for {checkpoint['model_name']} ({model_type}): "
+            f"its {fmt} export does not match PyTorch's outputs; use EXPORT_FORMAT=torchscript")
 
 
 def task_outputs(model, example):

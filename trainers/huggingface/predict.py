@@ -3,8 +3,9 @@
 CHECKPOINT_PATH + INPUT_PATH (storage key of an image, a .zip of images, or a prefix ending in
 /; or a local file/folder: `python predict.py --checkpoint-path best.pt --input-path ./images`)
 -> predictions.json with one record per image as the checkpoint's task writes it
-(classification: the TOP_K classes), uploaded with any mask files under
-artifacts/job-{JOB_ID}/predictions/.
+(classification: the TOP_K classes; detection: the boxes at CONF_THRESHOLD and above, no NMS:
+DETR-family models predict one box per object; semantic segmentation: a class-index PNG mask
+per image), uploaded with the mask files under artifacts/job-{JOB_ID}/predictions/.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def predict(job: utils.Job) -> utils.JobResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = task.predict(model, job.stage_inputs(), class_names,
                            image_size=cfg.image_size or checkpoint["image_size"], device=device,
-                           out_dir=out_dir)
+                           out_dir=out_dir, confidence=cfg.conf_threshold)
     for record in records:  # a ranked list of classes keeps TOP_K of them
         if "top_k" in record:
             record["top_k"] = record["top_k"][:cfg.top_k]

@@ -323,7 +323,7 @@ def _resized(mask: Any, width: int, height: int) -> Any:
                                                                Image.Resampling.NEAREST))
 
 
-def image_records(validator: SegmentationValidator, splits: Splits,
+def image_records(validator: SegmentationValidator, splits: Splits, *,
                   mask_dir: Path | None = None, limit: int | None = None
                   ) -> list[dict[str, Any]]:
     """The last validation's per-image records (contract section 3): `true_mask_file` /
@@ -360,7 +360,8 @@ def image_records(validator: SegmentationValidator, splits: Splits,
 
 
 def predict(model: Any, images: Sequence[Path], class_names: Sequence[str], *, image_size: int,
-            device: Any, out_dir: Path, batch_size: int = 8) -> list[dict[str, Any]]:
+            device: Any, out_dir: Path, confidence: float = 0.0, batch_size: int = 8
+            ) -> list[dict[str, Any]]:
     """Per image: a class-index PNG at the image's own size in `out_dir`, and a record with
     its name (`mask`, relative to `out_dir`), size and pixels per class."""
     import torch

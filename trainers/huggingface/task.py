@@ -94,12 +94,18 @@ class Task(Protocol):
 
     def validator(self, class_names: Sequence[str], *, keep_per_image: bool) -> Validator: ...
 
-    def image_records(self, validator: Validator, splits: Splits) -> list[dict[str, Any]]:
-        """The last validation's per-image records (POST /validation-image-results)."""
+    def image_records(self, validator: Validator, splits: Splits, *,
+                      mask_dir: Path | None = None, limit: int | None = None
+                      ) -> list[dict[str, Any]]:
+        """The last validation's per-image records (POST /validation-image-results). A task
+        with masks writes them under `mask_dir` (the job uploads them); `limit`
+        (VAL_IMAGE_RESULTS_MAX) lets it skip the work for images that will not be sent."""
 
     def predict(self, model: Any, images: Sequence[Path], class_names: Sequence[str], *,
-                image_size: int, device: Any, out_dir: Path) -> list[dict[str, Any]]:
-        """One record per image for predictions.json (mask files written under `out_dir`)."""
+                image_size: int, device: Any, out_dir: Path,
+                confidence: float = 0.25) -> list[dict[str, Any]]:
+        """One record per image for predictions.json (mask files written under `out_dir`;
+        objects below `confidence`, CONF_THRESHOLD, left out where a task has objects)."""
 
 
 def task_for(task_type: str) -> Task:

@@ -133,7 +133,9 @@ def fit(job: utils.Job, run: Run, accelerator, settings: dict[str, Any],
         if from_main(accelerator, stop is not None):
             raise stop or utils.JobCancelled(f"cancelled by the platform after epoch {epoch}")
     if validator is not None:
-        job.send_validation_image_results(run.task.image_records(validator, run.splits))
+        job.send_validation_image_results(run.task.image_records(
+            validator, run.splits, mask_dir=job.work_dir / "validation-masks",
+            limit=cfg.val_image_results_max))
     return best_epoch, best
 
 
