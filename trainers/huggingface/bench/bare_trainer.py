@@ -4,9 +4,10 @@
         --batch-size 32 --lr 0.001
 
 What a person writes with transformers alone for image folders (`train/<class>/`,
-`val/<class>/`): torchvision's ImageFolder resized and normalised as the trainer's checkpoint
-says, the same architecture built from the configuration in WORK_DIR's checkpoint (random
-weights, no download), AdamW with a cosine schedule, evaluation and a checkpoint every epoch.
+`val/<class>/`): torchvision's ImageFolder resized (and flipped in training) and normalised as
+the trainer's checkpoint says, the same architecture built from the configuration in WORK_DIR's
+checkpoint (random weights, no download), Trainer's defaults otherwise (AdamW, linear decay,
+gradient clipping at 1), evaluation and a checkpoint every epoch.
 Prints one JSON line: {"epoch_ends": [unix time after each epoch's save]}. Run by
 `tools/bench.py` (declared in bench.toml); not part of the image.
 """
@@ -29,7 +30,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.001)
-    parser.add_argument("--weight-decay", type=float, default=0.0001)
     return parser.parse_args(argv)
 
 
@@ -48,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
 
     trained = torch.load(args.from_run / "checkpoints" / "last.pt", map_location="cpu",
                          weights_only=True)
-    config = dict(trained["config"])
+    config = dict(trained["model_config"])
     model = AutoModelForImageClassification.from_config(
         AutoConfig.for_model(config.pop("model_type"), **config))
     size = trained["image_size"]
-    transform = transforms.Compose([
-        transforms.Resize((size, size)), transforms.ToTensor(),
-        transforms.Normalize(trained["mean"], trained["std"])])
-    train_set = ImageFolder(str(args.data_root / "train"), transform)
-    val_set = ImageFolder(str(args.data_root / "val"), transform)
+    resize = transforms.Resize((size, size))
+    normalise = [transforms.ToTensor(), transforms.Normalize(trained["mean"], trained["std"])]
+    train_set = ImageFolder(str(args.data_root / "train"), transforms.Compose(
+        [resize, transforms.RandomHorizontalFlip(), *normalise]))
+    val_set = ImageFolder(str(args.data_root / "val"), transforms.Compose([resize, *normalise]))
 
     def collate(items):
         return {"pixel_values": torch.stack([image for image, _ in items]),
@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=str(args.out_dir), num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=args.batch_size, learning_rate=args.lr,
-            weight_decay=args.weight_decay, lr_scheduler_type="cosine",
             eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
             report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
             seed=0))
