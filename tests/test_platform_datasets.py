@@ -73,22 +73,27 @@ def test_many_objects_are_fetched_at_once(utils_module, s3, tmp_path, monkeypatc
         s3.put_bytes(f"datasets/many/f{i:02d}.bin", bytes([i]) * 100)
     storage = s3_storage(utils_module, s3)
     active, peak, lock = [0], [0], threading.Lock()
-    fetch = utils_module._RangedDownload.fetch
+    fetch = utils_module._fetch_small_object
 
-    def counting(self, start, end):
+    def counting(*args):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         try:
-            return fetch(self, start, end)
+            return fetch(*args)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(utils_module._RangedDownload, "fetch", counting)
+    monkeypatch.setattr(utils_module, "_fetch_small_object", counting)
+    s3.requests.clear()
     root = utils_module.stage_dataset(storage, "many", tmp_path / "cache")
     assert len(list(root.iterdir())) == 40 and (root / "f07.bin").read_bytes() == b"\x07" * 100
     assert peak[0] > 1
+    # The listing gave every size and ETag: one GET per object, no HEAD of any of them.
+    assert len(gets_under(s3, "datasets/many/")) == 40
+    assert not [path for method, path in s3.requests
+                if method == "HEAD" and "datasets/many/" in path]
 
 
 def test_the_archive_wins_over_the_folder(utils_module, s3, tmp_path):
