@@ -52,7 +52,7 @@ def folder_staging(bench: Bench) -> list[Row]:
                "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
     folder = bench.folder("folder-staging")
     cache, copy = folder / "cache", folder / "aws"
-    ours, baseline = [], []
+    ours, baseline, floor = [], [], []
 
     def run_ours() -> None:
         remove(cache)
@@ -63,6 +63,13 @@ def folder_staging(bench: Bench) -> list[Row]:
             raise BenchError(f"stage_dataset staged {files} files, not {len(objects)}")
         ours.append(wall)
         remove(cache)
+
+    def run_floor() -> None:
+        wall, done = bench.run([sys.executable, STAGE_PROBE, "--gets", prefix], env=env,
+                               what="bare GETs")
+        if json.loads(done.stdout.strip().splitlines()[-1])["objects"] != len(objects):
+            raise BenchError("the bare GETs did not see every object")
+        floor.append(wall)
 
     def run_baseline() -> None:
         remove(copy)
@@ -75,6 +82,7 @@ def folder_staging(bench: Bench) -> list[Row]:
     for rep in range(size.repeat):
         for step in alternate(rep, run_ours, run_baseline):
             step()
+        run_floor()
     ratio = paired_ratio(ours, baseline)
     scale = "" if count >= 10000 else "Scaled down from the issue's 10k images (`--size large`). "
     return [Row(f"{FIGURES['folder']} ({len(objects):,} objects, {megabytes:.0f} MB)",
@@ -83,7 +91,9 @@ def folder_staging(bench: Bench) -> list[Row]:
                 f"{scale}Ours: a fresh process running `stage_dataset` of the prefix (listing, "
                 "32 objects at a time, manifest written); baseline: `aws s3 sync` of the same "
                 "prefix (its defaults: 10 at a time). Both: process start-up included, the "
-                "same moto server on loopback.")]
+                "same moto server on loopback. The floor, a process that only lists the prefix "
+                "and GETs every object (boto3, 32 at a time, nothing written): "
+                f"{paired_ratio(floor, baseline):.2f}x.")]
 
 
 def ultralytics_converter():
