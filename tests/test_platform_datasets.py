@@ -96,6 +96,61 @@ def test_many_objects_are_fetched_at_once(utils_module, s3, tmp_path, monkeypatc
                 if method == "HEAD" and "datasets/many/" in path]
 
 
+def test_a_stalled_folder_fails_within_its_deadline(utils_module, s3, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    s3.put_bytes("datasets/stalled/a.bin", b"a")
+    storage = s3_storage(utils_module, s3)
+    storage.call_s = 0.5  # the folder's deadline: this plus its bytes at STORAGE_MIN_RATE
+    release = threading.Event()
+    monkeypatch.setattr(utils_module, "_fetch_small_object", lambda *args: release.wait(30))
+    started = time.monotonic()
+    try:
+        with pytest.raises(utils_module.StorageError, match="too slow while downloading"):
+            utils_module.stage_dataset(storage, "stalled", tmp_path / "cache")
+        assert time.monotonic() - started < 10
+    finally:
+        release.set()
+    assert not list((tmp_path / "cache").rglob("complete.json"))  # never taken for finished
+
+
+def test_a_broken_stream_of_a_small_object_resumes_from_its_last_byte(utils_module, tmp_path,
+                                                                       monkeypatch):
+    import threading
+
+    from botocore.exceptions import IncompleteReadError
+
+    class Body:
+        def __init__(self, chunks):
+            self.chunks = list(chunks)
+
+        def read(self, size):
+            chunk = self.chunks.pop(0) if self.chunks else b""
+            if isinstance(chunk, Exception):
+                raise chunk
+            return chunk
+
+    calls = []
+
+    class Client:
+        def get_object(self, **kwargs):
+            calls.append(kwargs.get("Range"))
+            if len(calls) == 1:  # the first GET breaks after 4 bytes
+                return {"Body": Body([b"0123", IncompleteReadError(actual_bytes=4,
+                                                                   expected_bytes=10)])}
+            return {"Body": Body([b"456789"])}
+
+    storage = utils_module.Storage("minio", "bucket", endpoint="http://127.0.0.1:9")
+    storage._client = Client()
+    monkeypatch.setattr(utils_module.time, "sleep", lambda s: None)
+    target = tmp_path / "obj.bin"
+    utils_module._fetch_small_object(storage, utils_module.ObjectInfo("k", 10, "e"), str(target),
+                                     threading.Event())
+    assert target.read_bytes() == b"0123456789"
+    assert calls == [None, "bytes=4-9"]  # one plain GET, then the rest only
+
+
 def test_the_archive_wins_over_the_folder(utils_module, s3, tmp_path):
     s3.put_bytes("datasets/both/from-folder.txt", b"folder")
     s3.put_bytes("datasets/both.zip", _zip({"from-zip.txt": b"zip"}))
