@@ -2116,10 +2116,13 @@ def _fetch_objects(storage: Storage, files: Sequence[ObjectInfo], prefix: str, d
         thread.start()
     allowed = storage.call_s + sum(o.size for o in files) / storage.min_rate
     deadline = time.monotonic() + allowed
-    for thread in threads:
-        thread.join(max(deadline - time.monotonic(), 0.0))
+    try:
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+    finally:  # a deadline, or a signal's exception here: the threads stop at their next object
+        if any(thread.is_alive() for thread in threads):
+            stop.set()
     if any(thread.is_alive() for thread in threads):
-        stop.set()  # the abandoned threads stop at their next object
         if not errors:
             bucket, key = storage.split(prefix)
             raise storage._error(TimeoutError(f"storage: not every object arrived within "
@@ -2154,6 +2157,8 @@ def _fetch_small_object(storage: Storage, obj: ObjectInfo, target: str,
             time.sleep(0.25 * 2**tries)
         except Exception as exc:
             raise storage._error(exc, bucket, key, "downloading") from exc
+    if received != obj.size:
+        return  # stopped: another object failed, this staging is abandoned
     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
