@@ -2012,12 +2012,14 @@ def folder_object_key(image: Path) -> str | None:
 
 
 _FOLDER_THREADS = 32  # objects fetched at once from a dataset folder (small files: latency-bound)
+_WHOLE_GET_BYTES = 8 * 2**20  # a folder's object up to this size: one GET, read into memory
 
 
 def stage_folder(storage: Storage, dataset_id: str, prefix: str, objects: Sequence[ObjectInfo],
                  cache_dir: Path, disk_budget_mb: int | None = None) -> tuple[Path, str]:
-    """Stage a dataset folder (an object prefix): many objects fetched at once, each large one
-    in parallel ranged GETs (`_RangedDownload`: its retries and resumption), one progress bar.
+    """Stage a dataset folder (an object prefix): many objects fetched at once (`_fetch_objects`:
+    a small one in one GET, a large one in parallel ranged GETs; retries and resumption of a
+    broken stream either way), one progress bar.
 
     The cache entry is keyed by a digest of the folder's manifest (every key, size and ETag): a
     retried job with an unchanged folder downloads nothing, and any changed object re-stages it.
@@ -2065,35 +2067,116 @@ def stage_folder(storage: Storage, dataset_id: str, prefix: str, objects: Sequen
 
 def _fetch_objects(storage: Storage, files: Sequence[ObjectInfo], prefix: str, dest: Path,
                    progress: _Progress) -> None:
-    """Every object into `dest`, `_FOLDER_THREADS` at a time; the first failure stops the rest."""
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+    """Every object into `dest`, `_FOLDER_THREADS` at a time; the first failure stops the rest.
 
-    for folder in {(dest / o.key[len(prefix):]).parent for o in files}:
-        folder.mkdir(parents=True, exist_ok=True)
+    Per object, only what it needs: its folder was made once (per folder), a small one is one
+    plain GET (the listing gave its size and ETag: no HEAD, no range) written with one
+    `os.write`; a larger one streams to its file through `_RangedDownload` (in parallel ranged
+    parts past _PART_BYTES).
+    The worker threads are daemons under one deadline for the whole folder (STORAGE_CALL_S plus
+    its bytes at STORAGE_MIN_RATE, as `Storage._within` gives one call): a stalled endpoint fails
+    the staging in bounded time, without a watchdog thread per object.
+    """
+    base = str(dest)
+    targets = [os.path.join(base, o.key[len(prefix):]) for o in files]
+    for folder in set(map(os.path.dirname, targets)):
+        os.makedirs(folder, exist_ok=True)
+    work = iter(zip(files, targets, strict=True))
+    lock, stop, errors = threading.Lock(), threading.Event(), []
+    batch = max(1, len(files) // 100)  # progress: one update per ~1 % of the objects per thread
 
-    def fetch(obj: ObjectInfo) -> None:
-        target = dest / obj.key[len(prefix):]
+    def fetch(obj: ObjectInfo, target: str) -> None:
         if storage.kind == "local":
             shutil.copyfile(storage.local_file(obj.key), target)
-            progress.update(obj.size)
-            return
-        download = _RangedDownload(storage, obj.key, obj.size, target, progress)
-        try:
-            if obj.size > _PART_BYTES:
+        elif obj.size > _WHOLE_GET_BYTES:
+            download = _RangedDownload(storage, obj.key, obj.size, Path(target), progress)
+            try:
                 download.start(obj.size)
                 download.wait_for(0, obj.size)
-            else:
-                download.fetch(0, obj.size)
-        finally:
-            download.close()
+            finally:
+                download.close()
+        else:
+            _fetch_small_object(storage, obj, target, stop)
 
-    with ThreadPoolExecutor(max_workers=_FOLDER_THREADS, thread_name_prefix="stage") as pool:
-        futures = [pool.submit(fetch, obj) for obj in files]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
-        for future in done:
-            future.result()  # raises the first failure
+    def worker() -> None:
+        done = objects = 0
+        try:
+            while not stop.is_set():
+                with lock:
+                    item = next(work, None)
+                if item is None:
+                    break
+                fetch(*item)
+                if item[0].size <= _WHOLE_GET_BYTES or storage.kind == "local":
+                    done += item[0].size  # a ranged download reports its own progress
+                objects += 1
+                if objects % batch == 0:
+                    progress.update(done)
+                    done = 0
+        except BaseException as exc:  # the first failure is raised by the caller
+            with lock:
+                errors.append(exc)
+            stop.set()
+        finally:
+            progress.update(done)
+
+    threads = [threading.Thread(target=worker, name=f"stage-{i}", daemon=True)
+               for i in range(min(_FOLDER_THREADS, len(files)))]
+    for thread in threads:
+        thread.start()
+    allowed = storage.call_s + sum(o.size for o in files) / storage.min_rate
+    deadline = time.monotonic() + allowed
+    try:
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+    finally:  # a deadline, or a signal's exception here: the threads stop at their next object
+        if any(thread.is_alive() for thread in threads):
+            stop.set()
+    if any(thread.is_alive() for thread in threads):
+        if not errors:
+            bucket, key = storage.split(prefix)
+            raise storage._error(TimeoutError(f"storage: not every object arrived within "
+                                              f"{allowed:.1f} s"), bucket, key, "downloading")
+    if errors:
+        raise errors[0]
+
+
+def _fetch_small_object(storage: Storage, obj: ObjectInfo, target: str,
+                        stop: threading.Event) -> None:
+    """`obj` (at most _WHOLE_GET_BYTES) into `target`: one plain GET read whole, one write.
+    A broken stream resumes from its last byte, as `_RangedDownload` does (5 tries)."""
+    from botocore.exceptions import BotoCoreError
+
+    bucket, key = storage.split(obj.key)
+    chunks: list[bytes] = []
+    received = tries = 0
+    while not stop.is_set():
+        try:
+            ranged = {"Range": f"bytes={received}-{obj.size - 1}"} if received else {}
+            body = storage.client.get_object(Bucket=bucket, Key=key, **ranged)["Body"]
+            while chunk := body.read(2**20):
+                chunks.append(chunk)
+                received += len(chunk)
+            if received != obj.size:
+                raise _ShortRead(f"{received} bytes of {obj.size}")
+            break
+        except (BotoCoreError, _ShortRead) as exc:  # the client retried the request itself
+            tries += 1
+            if tries >= 5 or received > obj.size:
+                raise storage._error(exc, bucket, key, "downloading") from exc
+            time.sleep(0.25 * 2**tries)
+        except Exception as exc:
+            raise storage._error(exc, bucket, key, "downloading") from exc
+    if received != obj.size:
+        return  # stopped: another object failed, this staging is abandoned
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _stage_archive(storage: Storage, dataset_id: str, info: ObjectInfo, cache_dir: Path,
@@ -2403,9 +2486,12 @@ def _clip_box(box: Any, width: int, height: int) -> tuple[tuple[float, float, fl
                                                           bool]:
     """(the box clipped to the image or None when nothing is left, whether it was clipped)."""
     x, y, w, h = map(float, box)
-    x0, y0 = max(0.0, x), max(0.0, y)
-    x1, y1 = min(float(width), x + w), min(float(height), y + h)
-    clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
+    right, bottom = x + w, y + h
+    x0 = x if x > 0.0 else 0.0  # comparisons, not min/max calls: 50k boxes in a large file
+    y0 = y if y > 0.0 else 0.0
+    x1 = right if right < width else float(width)
+    y1 = bottom if bottom < height else float(height)
+    clipped = x0 != x or y0 != y or x1 != right or y1 != bottom
     if x1 <= x0 or y1 <= y0:
         return None, clipped
     return (x0, y0, x1 - x0, y1 - y0), clipped
@@ -2430,6 +2516,7 @@ def _annotation_list(file: Path, annotations: Any) -> list[dict[str, Any]]:
 
 
 _UNKNOWN = object()  # a category id no category has
+_ID_TYPES = (int, str)  # what a category id may be (a tuple: `int | str` is built at each use)
 _DROPPED = object()  # a box with nothing left inside its image
 
 
@@ -2439,7 +2526,7 @@ def _annotated_object(ann: Mapping[str, Any], class_id: int, width: int, height:
     for a classification one (no box, no polygon), _DROPPED for a box wholly outside its image.
     ValueError (or TypeError) names what is wrong with a bad one."""
     keypoints = ann.get("keypoints") or ()
-    if keypoints:
+    if keypoints:  # (the branches below are skipped by plain boxes, the common case)
         if kpt_count is None:
             kpt_count = len(keypoints) // 3
         if len(keypoints) != 3 * kpt_count:
@@ -2564,7 +2651,7 @@ def read_platform_annotations(root: Path, task_type: str | None, *, val_fraction
             raw_id = ann.get("category_id")
             if raw_id is None:
                 raw_id = ann.get("class_id")
-            class_id = class_of.get(raw_id, _UNKNOWN) if isinstance(raw_id, int | str) \
+            class_id = class_of.get(raw_id, _UNKNOWN) if isinstance(raw_id, _ID_TYPES) \
                 else _UNKNOWN
             if class_id is _UNKNOWN:
                 raise DatasetError(f"{file.name}: annotation {ann.get('id')} of image {image_id} "

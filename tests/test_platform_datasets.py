@@ -73,22 +73,82 @@ def test_many_objects_are_fetched_at_once(utils_module, s3, tmp_path, monkeypatc
         s3.put_bytes(f"datasets/many/f{i:02d}.bin", bytes([i]) * 100)
     storage = s3_storage(utils_module, s3)
     active, peak, lock = [0], [0], threading.Lock()
-    fetch = utils_module._RangedDownload.fetch
+    fetch = utils_module._fetch_small_object
 
-    def counting(self, start, end):
+    def counting(*args):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         try:
-            return fetch(self, start, end)
+            return fetch(*args)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(utils_module._RangedDownload, "fetch", counting)
+    monkeypatch.setattr(utils_module, "_fetch_small_object", counting)
+    s3.requests.clear()
     root = utils_module.stage_dataset(storage, "many", tmp_path / "cache")
     assert len(list(root.iterdir())) == 40 and (root / "f07.bin").read_bytes() == b"\x07" * 100
     assert peak[0] > 1
+    # The listing gave every size and ETag: one GET per object, no HEAD of any of them.
+    assert len(gets_under(s3, "datasets/many/")) == 40
+    assert not [path for method, path in s3.requests
+                if method == "HEAD" and "datasets/many/" in path]
+
+
+def test_a_stalled_folder_fails_within_its_deadline(utils_module, s3, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    s3.put_bytes("datasets/stalled/a.bin", b"a")
+    storage = s3_storage(utils_module, s3)
+    storage.call_s = 0.5  # the folder's deadline: this plus its bytes at STORAGE_MIN_RATE
+    release = threading.Event()
+    monkeypatch.setattr(utils_module, "_fetch_small_object", lambda *args: release.wait(30))
+    started = time.monotonic()
+    try:
+        with pytest.raises(utils_module.StorageError, match="too slow while downloading"):
+            utils_module.stage_dataset(storage, "stalled", tmp_path / "cache")
+        assert time.monotonic() - started < 10
+    finally:
+        release.set()
+    assert not list((tmp_path / "cache").rglob("complete.json"))  # never taken for finished
+
+
+def test_a_broken_stream_of_a_small_object_resumes_from_its_last_byte(utils_module, tmp_path,
+                                                                       monkeypatch):
+    import threading
+
+    from botocore.exceptions import IncompleteReadError
+
+    class Body:
+        def __init__(self, chunks):
+            self.chunks = list(chunks)
+
+        def read(self, size):
+            chunk = self.chunks.pop(0) if self.chunks else b""
+            if isinstance(chunk, Exception):
+                raise chunk
+            return chunk
+
+    calls = []
+
+    class Client:
+        def get_object(self, **kwargs):
+            calls.append(kwargs.get("Range"))
+            if len(calls) == 1:  # the first GET breaks after 4 bytes
+                return {"Body": Body([b"0123", IncompleteReadError(actual_bytes=4,
+                                                                   expected_bytes=10)])}
+            return {"Body": Body([b"456789"])}
+
+    storage = utils_module.Storage("minio", "bucket", endpoint="http://127.0.0.1:9")
+    storage._client = Client()
+    monkeypatch.setattr(utils_module.time, "sleep", lambda s: None)
+    target = tmp_path / "obj.bin"
+    utils_module._fetch_small_object(storage, utils_module.ObjectInfo("k", 10, "e"), str(target),
+                                     threading.Event())
+    assert target.read_bytes() == b"0123456789"
+    assert calls == [None, "bytes=4-9"]  # one plain GET, then the rest only
 
 
 def test_the_archive_wins_over_the_folder(utils_module, s3, tmp_path):

@@ -279,6 +279,49 @@ def test_pose_export_describes_its_keypoints(servers: Servers, pose_trained) -> 
 # --- the platform's annotations -----------------------------------------------------------------
 
 
+@pytest.fixture
+def data_module(utils_module, monkeypatch):
+    """The trainer's data.py, imported afresh with the template's utils (the same code)."""
+    monkeypatch.syspath_prepend(str(TRAINER))
+    monkeypatch.setitem(sys.modules, "utils", utils_module)
+    for name in ("data", "model"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import importlib
+
+    return importlib.import_module("data")
+
+
+def test_yolo_labels_are_written_once_per_image_with_objects(data_module, utils_module,
+                                                             tmp_path) -> None:
+    root = tmp_path / "ds"
+    platform_data.detection(root, images=6, boxes=2, size=64)
+    (root / "images" / "img_00000.jpg").write_bytes(b"")  # a.png and a.jpg: one label each
+    data = json.loads((root / "annotations_detection.json").read_text())
+    data["images"].append({"id": 99, "file_name": "img_00000.jpg", "width": 64, "height": 64,
+                           "split": "train"})
+    data["annotations"].append({"id": 999, "image_id": 99, "category_id": 2,
+                                "bbox": [60, 50, 10, 20]})  # reaches outside: clipped
+    data["images"].append({"id": 100, "file_name": "img_00009.png", "width": 64, "height": 64,
+                           "split": "train"})  # no objects: a background image
+    (root / "images" / "img_00009.png").write_bytes(b"")
+    (root / "annotations_detection.json").write_text(json.dumps(data))
+    dataset = utils_module.read_platform_annotations(root, "object_detection")
+    out = data_module.platform_layout(root, "detect", dataset)
+    labels = sorted(p.name for p in (out / "labels" / "train").iterdir())
+    images = sorted(p.name for p in (out / "images" / "train").iterdir())
+    assert len(images) == 7 and len(labels) == 6 and "img_00009.txt" not in labels
+    assert {Path(name).stem for name in labels} <= {Path(name).stem for name in images}
+    for image in dataset.split("train") + dataset.split("val"):
+        if not image.objects:
+            continue
+        expected = "".join(data_module.label_line("detect", o, image.width, image.height, 0)
+                           + "\n" for o in image.objects)
+        assert data_module.label_text("detect", image, 0).decode() == expected
+    clipped = next(i for i in dataset.images if i.id == "99")
+    assert data_module.label_text("detect", clipped, 0) == \
+        b"1 0.968750 0.890625 0.062500 0.218750\n"  # x 60..64, y 50..64
+
+
 def unpack(archive: Path, into: Path) -> Path:
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(into)
