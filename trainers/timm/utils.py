@@ -2169,8 +2169,15 @@ def _fetch_small_object(storage: Storage, obj: ObjectInfo, target: str,
             raise storage._error(exc, bucket, key, "downloading") from exc
     if received != obj.size:
         return  # stopped: another object failed, this staging is abandoned
-    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    write_file(target, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+def write_file(path: str | os.PathLike, data: bytes, *, new: bool = False) -> None:
+    """`data` as the file at `path` with one open and as few writes as the OS allows: no file
+    object, no buffering (thousands of small files are staged or converted at a time). `new`:
+    the file must not exist yet (O_EXCL)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
     try:
         view = memoryview(data)
         while view:

@@ -399,8 +399,8 @@ def write_yolo(dataset: Any, task: str, out: Path) -> None:
             link(image.path, images_at + name)
             if not image.objects:  # no label file: Ultralytics' background image
                 continue
-            write_new_file(f"{labels_at}{name.rsplit('.', 1)[0]}.txt",
-                           label_text(task, image, kpt_count))
+            utils.write_file(f"{labels_at}{name.rsplit('.', 1)[0]}.txt",
+                             label_text(task, image, kpt_count), new=True)
     data: dict[str, Any] = {"path": ".", **{s: f"images/{s}" for s in splits},
                             "names": dict(enumerate(dataset.class_names))}
     if task == "pose":
@@ -413,17 +413,6 @@ def write_yolo(dataset: Any, task: str, out: Path) -> None:
     (out / "data.yaml").write_text(
         f"# Converted from {dataset.annotation_file.name} by data.py (platform annotations).\n"
         + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def write_new_file(path: str, data: bytes) -> None:
-    """`data` as a new file at `path` (in a folder just made: never one already there)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
 
 
 def label_text(task: str, image: Any, kpt_count: int) -> bytes:
