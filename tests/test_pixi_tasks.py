@@ -87,6 +87,10 @@ def claim(manifest: Path, task: str):
                 "sync": check_sync_in_a_copy,
                 "sync-check": lambda m, p: check_runs(m, "sync-check", p),
                 "lint": lambda m, p: check_runs(m, "lint", p)}.get(task)
+    if task.startswith("train-"):  # another task's demo (the Hugging Face trainer's)
+        return lambda m, p: check_training_demo(m, p, task)
+    if task.startswith("sample-"):
+        return lambda m, p: check_runs(m, task, p)
     return {"train": check_training_demo,
             "sample": lambda m, p: check_runs(m, "sample", p),
             "test": lambda m, p: check_runs(m, "test", p)}.get(task)
