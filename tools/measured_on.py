@@ -25,8 +25,7 @@ def commit() -> str:
 
 
 def machine() -> str:
-    """One line naming the machine: CPU model, the cores this process may use, memory, OS,
-    Python, torch."""
+    """One line naming the machine: CPU model, cores, memory, OS, Python, torch."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -43,6 +42,6 @@ def machine() -> str:
         torch = f", torch {version('torch')}"
     except Exception:  # no torch in this environment: the line without it
         torch = ""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{model}, {cores} cores{memory}, {platform.system()} "
+    # The machine's cores, not this process's affinity (the bench pins itself to a subset).
+    return (f"{model}, {os.cpu_count()} cores{memory}, {platform.system()} "
             f"{platform.machine()}, Python {platform.python_version()}{torch}")
